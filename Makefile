@@ -1,0 +1,58 @@
+# The two set-up commands (README): `make demo` and `make test`. Both install what is missing first.
+#   make demo      compile the demo models for the CPU, serve 2 core groups behind nginx, benchmark, stop
+#   make test      the whole test suite, end-to-end, systemd and packaging tests included
+#   make packages  build dist/neuronserve_<ver>_<arch>.deb and dist/neuronserve-<ver>.<arch>.rpm
+#   make bench     side-by-side performance run (in-process ceiling, neuronserve, baseline server)
+
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.neuronserve-installed
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the tests drive for real: nginx in front, systemd-nspawn for the unit tests, rpm/lintian
+# for the package checks, tmux for `top`'s screen, wrk for the baseline load.
+DEB_TOOLS := nginx:nginx systemd-nspawn:systemd-container rpm:rpm rpmbuild:rpm lintian:lintian \
+             tmux:tmux wrk:wrk systemd-analyze:systemd
+PYTEST_ARGS ?=
+
+.PHONY: demo test unit packages bench sysdeps clean
+.DEFAULT_GOAL := help
+
+help:
+	@sed -n '1,6p' Makefile | sed 's/^# \{0,1\}//'
+
+sysdeps:
+	@missing=""; for pair in $(DEB_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing \
+	  || { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	       apt-get install -y -q --no-install-recommends $$missing; }; fi
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU build lies on disk; asking for plain `torch` would fetch a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+demo: sysdeps $(STAMP)
+	$(BIN)/python -m neuronserve.demo
+
+test: sysdeps $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -m 'not e2e and not systemd and not packaging' $(PYTEST_ARGS)
+
+packages: sysdeps $(STAMP)
+	$(BIN)/python -m neuronserve.packaging_build dist
+
+bench: sysdeps $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf build dist demo-run bench-results *.egg-info

@@ -1,0 +1,3 @@
+from neuronserve.cli import main
+
+main()

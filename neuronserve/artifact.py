@@ -1,0 +1,131 @@
+"""A compiled model on disk: the contract between `neuronserve compile` and the server.
+
+    <model_repository>/<name>/
+        manifest.json            this schema
+        b<batch>_s<seq>.pt       one traced artifact per (batch, sequence length) bucket
+        tokenizer/               the tokenizer, saved with save_pretrained
+
+The server refuses an artifact whose backend is not its own, whose files fail their checksum, or whose
+manifest format it does not know, with a message saying what to run instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from neuronserve.errors import ArtifactError
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+class Bucket(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    batch: int = Field(ge=1)
+    seq: int = Field(ge=1)
+    file: str
+    sha256: str
+
+
+class Warmup(BaseModel):
+    """A known-answer check: the server runs `inputs` through every copy and compares with `expected`."""
+
+    model_config = ConfigDict(extra="forbid")
+    texts: list = Field(description="task inputs as a request would carry them (strings, or [question, context])")
+    expected: dict[str, list] = Field(description="output name -> nested list (the model's raw outputs)")
+    atol: float = Field(description="absolute tolerance: 1e-4 for fp32 CPU, looser for bf16/fp16")
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: int = FORMAT
+    name: str
+    task: Literal["question-answering", "text-classification", "feature-extraction"]
+    backend: Literal["cpu", "cuda", "neuron"]
+    target: str = Field(description="cpu | cuda | inf1 | inf2 | trn1 | trn2: what the artifacts run on")
+    source: str
+    created: str
+    versions: dict[str, str]
+    input_names: list[str]
+    output_names: list[str]
+    labels: dict[str, str] = Field(default_factory=dict, description="class id -> label (text-classification)")
+    pooling: Literal["none", "mean", "cls"] = "none"
+    normalize: bool = False
+    dtype: str = "float32"
+    compiler_args: list[str] = Field(default_factory=list)
+    buckets: list[Bucket]
+    tokenizer: str = "tokenizer"
+    warmup: Warmup | None = None
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return sorted({b.batch for b in self.buckets})
+
+    @property
+    def sequence_lengths(self) -> list[int]:
+        return sorted({b.seq for b in self.buckets})
+
+    def bucket(self, batch: int, seq: int) -> Bucket:
+        for b in self.buckets:
+            if b.batch == batch and b.seq == seq:
+                return b
+        raise KeyError((batch, seq))
+
+
+def bucket_file(batch: int, seq: int) -> str:
+    return f"b{batch}_s{seq}.pt"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Path:
+    """Write atomically: a reader never sees half a manifest."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".manifest.")
+    with os.fdopen(fd, "w") as f:
+        f.write(manifest.model_dump_json(indent=2) + "\n")
+    os.replace(tmp, directory / MANIFEST)
+    return directory / MANIFEST
+
+
+def read_manifest(directory: Path, *, backend: str | None = None, verify: bool = True) -> Manifest:
+    """Read and check a compiled model directory. Raises ArtifactError with what to do about it."""
+    path = Path(directory) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no compiled model here; run `neuronserve compile` for it") from None
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable manifest: {e}") from None
+    if data.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: manifest format {data.get('format')!r}, this neuronserve reads {FORMAT}; "
+                            "recompile with this version")
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as e:
+        raise ArtifactError(f"{path}: invalid manifest: {e}") from None
+    if backend is not None and manifest.backend != backend:
+        raise ArtifactError(f"{directory}: compiled for {manifest.backend} ({manifest.target}), but this group "
+                            f"serves on {backend}; run `neuronserve compile --backend {backend}` for it")
+    if verify:
+        for b in manifest.buckets:
+            f = Path(directory) / b.file
+            try:
+                digest = sha256_file(f)
+            except OSError as e:
+                raise ArtifactError(f"{f}: cannot read artifact: {e.strerror or e}") from None
+            if digest != b.sha256:
+                raise ArtifactError(f"{f}: checksum mismatch (damaged or replaced); recompile")
+    return manifest

@@ -1,0 +1,339 @@
+"""The one configuration object: /etc/neuronserve/neuronserve.toml plus conf.d/*.toml drop-ins.
+
+Every error a sysadmin can make in the file is reported as ``file:line: key: message`` (ConfigError),
+never as a traceback. Drop-ins are merged table by table in name order, so a later file overrides a key
+of an earlier one; each key remembers which file and line it came from, for the error messages.
+"""
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from neuronserve.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/neuronserve/neuronserve.toml")
+
+Backend = Literal["auto", "neuron", "cuda", "cpu"]
+Task = Literal["question-answering", "text-classification", "feature-extraction"]
+NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,39}$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def parse_core_list(spec: str | list[int]) -> list[int]:
+    """``"0-3,6"`` or ``[0, 1]`` -> sorted unique core indices. Raises ValueError with the reason."""
+    if isinstance(spec, list):
+        cores = spec
+    else:
+        cores = []
+        for part in str(spec).replace(" ", "").split(","):
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+            if not m:
+                raise ValueError(f"{spec!r} is not a core list like '0-3,6'")
+            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+            if hi < lo:
+                raise ValueError(f"range {part!r} runs backwards")
+            cores.extend(range(lo, hi + 1))
+    if any(c < 0 for c in cores):
+        raise ValueError("core indices are never negative")
+    if len(set(cores)) != len(cores):
+        raise ValueError(f"core list {spec!r} names a core twice")
+    return sorted(cores)
+
+
+def format_core_list(cores: list[int]) -> str:
+    """[0,1,2,5] -> "0-2,5": the form NEURON_RT_VISIBLE_CORES and CPUAffinity= accept."""
+    out, cores = [], sorted(cores)
+    i = 0
+    while i < len(cores):
+        j = i
+        while j + 1 < len(cores) and cores[j + 1] == cores[j] + 1:
+            j += 1
+        out.append(str(cores[i]) if i == j else f"{cores[i]}-{cores[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+class ServerSection(_Section):
+    """Host-wide settings."""
+
+    backend: Backend = Field("auto", description="accelerator to serve on: auto picks neuron, then cuda, then cpu")
+    model_repository: Path = Field(Path("/var/lib/neuronserve/models"),
+                                   description="where `neuronserve compile` writes artifacts and the groups read them")
+    base_port: int = Field(8100, ge=1024, le=65000,
+                           description="group i listens on 127.0.0.1:base_port+i (never on a public address)")
+    python: str = Field("auto", description="interpreter that has torch (and torch-neuronx on Neuron); "
+                                            "auto: a DLAMI venv that imports the backend's framework, else this one")
+    user: str = Field("neuronserve", description="unprivileged user the units run as")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    timeout_s: float = Field(30.0, gt=0, le=3600,
+                             description="a request that has not been answered by then gets 504")
+    graceful_timeout_s: float = Field(30.0, gt=0, le=3600,
+                                      description="how long a stopping group may finish in-flight requests")
+
+
+class NginxSection(_Section):
+    """The front: the only listener clients reach."""
+
+    enabled: bool = True
+    listen: str = Field("0.0.0.0:8080", description="address:port nginx listens on")
+    conf_path: Path = Field(Path("/etc/nginx/conf.d/neuronserve.conf"), description="where the front config is written")
+    client_max_body_size: str = Field("1m", pattern=r"^\d+[kKmM]?$", description="larger bodies get 413")
+    keepalive: int = Field(64, ge=0, le=4096, description="idle keepalive connections kept open to each group")
+    max_fails: int = Field(1, ge=0, description="passive health check: failures before a group is skipped")
+    fail_timeout_s: int = Field(2, ge=1, description="how long a failed group is skipped")
+    auth_token_file: Path | None = Field(None, description="if set, clients must send 'Authorization: Bearer <token>' "
+                                                           "with the token in this file")
+    rate_limit: str | None = Field(None, pattern=r"^\d+r/[sm]$", description="per-client request rate, e.g. '100r/s'")
+
+
+class NeuronSection(_Section):
+    compiler_args: list[str] = Field(["--auto-cast", "matmult", "--auto-cast-type", "bf16"],
+                                     description="neuronx-cc arguments for `compile` on Inf2/Trn")
+    inf1_compiler_args: list[str] = Field([], description="neuron-cc arguments for `compile` on Inf1")
+    exec_timeout_s: int = Field(10, ge=1, description="NEURON_RT_EXEC_TIMEOUT; kept below server.timeout_s")
+    log_level: Literal["ERROR", "WARNING", "INFO", "DEBUG", "TRACE"] = "WARNING"
+    async_inflight: int = Field(3, ge=1, le=64, description="NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS")
+    tools_dir: Path = Field(Path("/opt/aws/neuron/bin"), description="where neuron-ls and neuron-monitor live")
+
+
+class CudaSection(_Section):
+    half: bool = Field(True, description="trace in float16 on the GPU")
+
+
+class CpuSection(_Section):
+    threads_per_copy: int | Literal["auto"] = Field(
+        "auto", description="torch intra-op threads per model copy; auto: the group's CPUs divided by its copies")
+
+
+class ModelSection(_Section):
+    """One served model: [models.<name>]."""
+
+    task: Task
+    source: str = Field(..., description="Hugging Face model directory (or hub id, only where a network is allowed)")
+    batch_sizes: list[int] = Field([1, 4, 8], min_length=1, description="compiled batch buckets")
+    sequence_lengths: list[int] = Field([128], min_length=1, description="compiled sequence-length buckets")
+    copies: int = Field(2, ge=1, le=64, description="model copies per group, each executed on its own thread")
+    cores_per_group: int = Field(1, ge=1, description="cores one group owns")
+    groups: int | Literal["all"] = Field("all", description="number of groups, or all the cores left")
+    cores: str | list[int] | None = Field(None, description="restrict this model to these cores ('0-3,6')")
+    max_batch_delay_ms: float = Field(1.0, ge=0, le=1000,
+                                      description="how long the batcher may wait to fill a batch")
+    max_queue: int = Field(256, ge=1, description="queued sequences per group before 503 + Retry-After")
+    truncation: bool = Field(True, description="truncate text longer than the largest sequence bucket, else 422")
+
+    @field_validator("batch_sizes", "sequence_lengths")
+    @classmethod
+    def _buckets(cls, v: list[int]) -> list[int]:
+        if any(x < 1 for x in v):
+            raise ValueError("bucket sizes are positive")
+        if len(set(v)) != len(v):
+            raise ValueError("a bucket size is listed twice")
+        return sorted(v)
+
+    @field_validator("cores")
+    @classmethod
+    def _cores(cls, v):
+        if v is not None:
+            parse_core_list(v)
+        return v
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("groups is at least 1, or 'all'")
+        return v
+
+    @property
+    def core_list(self) -> list[int] | None:
+        return None if self.cores is None else parse_core_list(self.cores)
+
+
+class Config(_Section):
+    server: ServerSection = ServerSection()
+    nginx: NginxSection = NginxSection()
+    neuron: NeuronSection = NeuronSection()
+    cuda: CudaSection = CudaSection()
+    cpu: CpuSection = CpuSection()
+    models: dict[str, ModelSection] = Field(default_factory=dict)
+    # where it came from, for messages; not a key in the file
+    sources: list[Path] = Field(default_factory=list, exclude=True)
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, v: dict[str, ModelSection]) -> dict[str, ModelSection]:
+        for name in v:
+            if not re.match(NAME_RE, name):
+                raise ValueError(f"model name {name!r} must match {NAME_RE} (it becomes part of unit names)")
+        return v
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> "Config":
+        if self.neuron.exec_timeout_s >= self.server.timeout_s:
+            raise ValueError("neuron.exec_timeout_s must be below server.timeout_s, or requests time out before "
+                             "the runtime reports the hung execution")
+        return self
+
+
+# ---------------------------------------------------------------- loading with file:line in every error
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each dotted key path in a TOML text to its 1-based line.
+
+    tomllib keeps no positions, so we scan the text for table headers and ``key =`` lines. It only has to be
+    right for well-formed files (tomllib already rejected the others) and is used only to point at a line.
+    """
+    lines: dict[tuple, int] = {}
+    table: tuple = ()
+    array_counts: dict[tuple, int] = {}
+    key_re = r'(?:"[^"]*"|\'[^\']*\'|[A-Za-z0-9_-]+)'
+    for no, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if m := re.match(rf"^\[\[\s*({key_re}(?:\s*\.\s*{key_re})*)\s*\]\]", line):
+            path = _split_key(m.group(1))
+            idx = array_counts.get(path, -1) + 1
+            array_counts[path] = idx
+            table = path + (idx,)
+            lines.setdefault(table, no)
+            for i in range(1, len(path) + 1):
+                lines.setdefault(path[:i], no)
+        elif m := re.match(rf"^\[\s*({key_re}(?:\s*\.\s*{key_re})*)\s*\]", line):
+            table = _split_key(m.group(1))
+            for i in range(1, len(table) + 1):
+                lines.setdefault(table[:i], no)
+        elif m := re.match(rf"^({key_re}(?:\s*\.\s*{key_re})*)\s*=", line):
+            path = table + _split_key(m.group(1))
+            for i in range(len(table) + 1, len(path) + 1):
+                lines.setdefault(path[:i], no)
+    return lines
+
+
+def _split_key(dotted: str) -> tuple:
+    parts = re.findall(r'"([^"]*)"|\'([^\']*)\'|([A-Za-z0-9_-]+)', dotted)
+    return tuple(a or b or c for a, b, c in parts)
+
+
+def _merge(base: dict, over: dict, origin: dict, file: Path, lines: dict, prefix: tuple = ()) -> None:
+    for key, value in over.items():
+        path = prefix + (key,)
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, origin, file, lines, path)
+        else:
+            base[key] = value
+            origin[path] = (file, lines.get(path))
+        origin.setdefault(path, (file, lines.get(path)))
+        _record(value, path, origin, file, lines)
+
+
+def _record(value: Any, path: tuple, origin: dict, file: Path, lines: dict) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            origin[path + (k,)] = (file, lines.get(path + (k,)))
+            _record(v, path + (k,), origin, file, lines)
+
+
+def _locate(loc: tuple, origin: dict, fallback: Path) -> tuple[Path, int | None]:
+    """Closest recorded position for a pydantic error location (walks up to the nearest known key)."""
+    loc = tuple(loc)
+    while loc:
+        if loc in origin:
+            return origin[loc]
+        loc = loc[:-1]
+    return fallback, None
+
+
+def dropin_files(path: Path) -> list[Path]:
+    d = path.parent / "conf.d"
+    return sorted(d.glob("*.toml")) if d.is_dir() else []
+
+
+def load(path: Path | str | None = None, *, dropins: bool = True) -> Config:
+    """Load and validate the config file and its conf.d/*.toml drop-ins. Raises ConfigError."""
+    path = Path(path) if path is not None else DEFAULT_PATH
+    files = [path] + (dropin_files(path) if dropins else [])
+    merged: dict = {}
+    origin: dict[tuple, tuple[Path, int | None]] = {}
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{f}: no such file (write one, or pass --config)") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{f}: cannot read: {e}") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
+            where = f"{f}:{m.group(1)}" if m else str(f)
+            msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e)) or "invalid TOML"
+            raise ConfigError(f"{where}: {msg}") from None
+        _merge(merged, data, origin, f, _key_lines(text))
+    try:
+        cfg = Config.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, origin, path)) from None
+    cfg.sources = files
+    return cfg
+
+
+def _describe(err: ValidationError, origin: dict, fallback: Path) -> str:
+    out = []
+    for item in err.errors(include_url=False):
+        loc = tuple(item["loc"])
+        file, line = _locate(loc, origin, fallback)
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            section = ".".join(str(p) for p in loc[:-1]) or "the top level"
+            msg = f"unknown key in {section}"
+            close = _close_keys(loc)
+            if close:
+                msg += f" (did you mean {close}?)"
+        elif item["type"] == "missing":
+            msg = "required key is missing"
+        elif item["type"] == "literal_error":
+            msg = f"got {item.get('input')!r}; {msg.lower()}"
+        out.append(f"{file}:{line}: {key}: {msg}" if line else f"{file}: {key}: {msg}")
+    return "\n".join(out)
+
+
+def _close_keys(loc: tuple) -> str:
+    """A known key close to a misspelt one, for the 'unknown key' message."""
+    import difflib
+
+    sections = {"server": ServerSection, "nginx": NginxSection, "neuron": NeuronSection,
+                "cuda": CudaSection, "cpu": CpuSection}
+    if len(loc) == 1:
+        names = [n for n in Config.model_fields if n != "sources"]
+    elif loc[0] == "models" and len(loc) == 3:
+        names = list(ModelSection.model_fields)
+    elif len(loc) == 2 and loc[0] in sections:
+        names = list(sections[loc[0]].model_fields)
+    else:
+        return ""
+    hits = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    return repr(hits[0]) if hits else ""
+
+
+def settings_reference() -> list[tuple[str, str, str]]:
+    """(key, default, description) for every setting: feeds the docs and `neuronserve config --reference`."""
+    rows = []
+    sections: list[tuple[str, type[BaseModel]]] = [
+        ("server", ServerSection), ("nginx", NginxSection), ("neuron", NeuronSection),
+        ("cuda", CudaSection), ("cpu", CpuSection), ("models.<name>", ModelSection)]
+    for prefix, model in sections:
+        for name, field in model.model_fields.items():
+            default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            rows.append((f"{prefix}.{name}", default, field.description or ""))
+    return rows
+
+
+__all__ = ["Config", "ModelSection", "ConfigError", "load", "parse_core_list", "format_core_list",
+           "settings_reference", "DEFAULT_PATH"]

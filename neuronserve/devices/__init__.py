@@ -1,0 +1,71 @@
+"""What accelerator cores this host has, who holds them, and the environment that pins a group to some.
+
+One module per backend (neuron, cuda, cpu), each exposing::
+
+    discover(**probes) -> Host             # raises DeviceError when the backend is absent
+    pin_env(host, cores, copies, cfg, name) -> dict[str, str]   # env for group `name` owning `cores`
+    find_python(cfg) -> str | None         # optional: an interpreter with the backend's framework
+    group_cpus(host, cores) -> list[int]   # host CPUs the group's processes are pinned to
+
+`discover_host(backend)` resolves "auto" as neuron, then cuda, then cpu.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import import_module
+
+from neuronserve.errors import DeviceError
+
+BACKENDS = ("neuron", "cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class Core:
+    index: int                  # global index: NeuronCore id, GPU index, or CPU id
+    device: int                 # /dev/neuron<device>, GPU index, or NUMA node
+    cpus: tuple[int, ...] = ()  # host CPUs close to it (neuron-ls cpu_affinity); empty: any
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A process that holds cores (neuron-ls neuron_processes, nvidia-smi compute apps)."""
+
+    pid: int
+    command: str
+    device: int
+    cores: tuple[int, ...] = ()
+
+
+@dataclass
+class Host:
+    backend: str                # neuron | cuda | cpu
+    kind: str                   # inf1 | inf2 | trn1 | trn2 | cuda | cpu: decides the compile target
+    cores: list[Core]
+    holders: list[Holder] = field(default_factory=list)
+    source: str = ""            # how it was discovered ("neuron-ls --output-format json", "sysfs", ...)
+    details: dict = field(default_factory=dict)
+
+    def core(self, index: int) -> Core:
+        for c in self.cores:
+            if c.index == index:
+                return c
+        raise KeyError(index)
+
+
+def backend_module(name: str):
+    if name not in BACKENDS:
+        raise DeviceError(f"unknown backend {name!r}; one of {', '.join(BACKENDS)}")
+    return import_module(f"neuronserve.devices.{name}")
+
+
+def discover_host(backend: str = "auto", **probes) -> Host:
+    """Discover the host for one backend, or the first one present for "auto"."""
+    if backend != "auto":
+        return backend_module(backend).discover(**probes.get(backend, {}))
+    reasons = []
+    for name in BACKENDS:
+        try:
+            return backend_module(name).discover(**probes.get(name, {}))
+        except DeviceError as e:
+            reasons.append(f"{name}: {e}")
+    raise DeviceError("no backend found: " + "; ".join(reasons))

@@ -1,0 +1,57 @@
+"""Where every file neuronserve reads or writes lives, under one root.
+
+The root is "/" on a real host. `render --root DIR` and `neuronserve up` use a scratch root, and the rendered
+files then refer to each other under that root, so the same templates serve both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from neuronserve.config import Config
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+    config: Config
+
+    def under(self, path: Path | str) -> Path:
+        path = Path(path)
+        return self.root / path.relative_to("/") if path.is_absolute() else self.root / path
+
+    @property
+    def unit_dir(self) -> Path:
+        return self.under("/etc/systemd/system")
+
+    @property
+    def etc_dir(self) -> Path:
+        return self.under("/etc/neuronserve")
+
+    @property
+    def gunicorn_dir(self) -> Path:
+        return self.etc_dir / "gunicorn"
+
+    @property
+    def template_override_dir(self) -> Path:
+        return self.etc_dir / "templates"
+
+    @property
+    def nginx_conf(self) -> Path:
+        return self.under(self.config.nginx.conf_path)
+
+    @property
+    def state_dir(self) -> Path:
+        """Runtime state of the front in `up` (pid, temp paths, logs); /var/lib/neuronserve on a host."""
+        return self.under("/var/lib/neuronserve")
+
+    @property
+    def model_repository(self) -> Path:
+        # the model repository is data, not rendered output: it is never moved under a scratch root
+        return self.config.server.model_repository
+
+    def gunicorn_conf(self, group_name: str) -> Path:
+        return self.gunicorn_dir / f"{group_name}.conf.py"
+
+    def unit_path(self, unit: str) -> Path:
+        return self.unit_dir / unit

@@ -1,0 +1,162 @@
+"""Turn the config and the host's cores into core groups: who owns which cores, on which port, with what env.
+
+A plan is refused, with a message that says what to change, when it cannot work: more cores than the host
+has, two models on one core, a port past 65535 or on the front's port, a model left without cores.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from neuronserve.config import Config, ModelSection, format_core_list
+from neuronserve.devices import Host, backend_module
+from neuronserve.errors import PlanError
+from neuronserve.layout import Layout
+from neuronserve.server.settings import ServerSettings
+
+APP = "neuronserve.server.app:create_app()"
+
+
+@dataclass
+class Group:
+    name: str                   # <model>-<n>
+    model: str
+    index: int
+    cores: list[int]
+    cpus: list[int]
+    port: int
+    settings: ServerSettings
+    env: dict[str, str] = field(default_factory=dict)   # pinning + settings, exactly what the worker gets
+
+    @property
+    def unit(self) -> str:
+        return f"neuronserve-{self.name}.service"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def core_list(self) -> str:
+        return format_core_list(self.cores)
+
+
+@dataclass
+class Plan:
+    config: Config
+    host: Host
+    groups: list[Group]
+    python: str
+
+    def argv(self, group: Group, layout: Layout) -> list[str]:
+        """The command a group's unit (and `neuronserve up`) runs."""
+        return [self.python, "-m", "gunicorn", "--config", str(layout.gunicorn_conf(group.name)), APP]
+
+    def by_model(self) -> dict[str, list[Group]]:
+        out: dict[str, list[Group]] = {}
+        for g in self.groups:
+            out.setdefault(g.model, []).append(g)
+        return out
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise PlanError(f"no group named {name!r}; groups: {', '.join(g.name for g in self.groups)}")
+
+
+def _front_port(cfg: Config) -> int | None:
+    tail = cfg.nginx.listen.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _assign_cores(cfg: Config, host: Host) -> dict[str, list[list[int]]]:
+    """model -> list of core lists, one per group. Fixed-count models first, then 'all' ones share the rest."""
+    present = [c.index for c in host.cores]
+    free = list(present)
+    out: dict[str, list[list[int]]] = {}
+
+    def pool_for(name: str, m: ModelSection) -> list[int]:
+        if m.core_list is None:
+            return [c for c in free]
+        missing = [c for c in m.core_list if c not in present]
+        if missing:
+            raise PlanError(f"models.{name}.cores names {format_core_list(missing)}, which this host does not have "
+                            f"({host.backend} cores: {format_core_list(present) or 'none'})")
+        taken = [c for c in m.core_list if c not in free]
+        if taken:
+            owner = next(n for n, gs in out.items() if any(set(taken) & set(g) for g in gs))
+            raise PlanError(f"models.{name}.cores overlaps models.{owner} on core(s) {format_core_list(taken)}: "
+                            "a core is owned by one process")
+        return [c for c in m.core_list]
+
+    def take(name: str, pool: list[int], groups: int, cpg: int) -> None:
+        chunks = [pool[i * cpg:(i + 1) * cpg] for i in range(groups)]
+        out[name] = chunks
+        for chunk in chunks:
+            for c in chunk:
+                free.remove(c)
+
+    fixed = [(n, m) for n, m in cfg.models.items() if m.groups != "all"]
+    flexible = [(n, m) for n, m in cfg.models.items() if m.groups == "all"]
+    for name, m in fixed:
+        pool = pool_for(name, m)
+        need = m.groups * m.cores_per_group
+        if need > len(pool):
+            raise PlanError(f"models.{name} asks for {m.groups} group(s) x {m.cores_per_group} core(s) = {need} "
+                            f"cores, but only {len(pool)} are free ({format_core_list(pool) or 'none'}); "
+                            "lower groups or cores_per_group")
+        take(name, pool, m.groups, m.cores_per_group)
+    shared = [(n, m) for n, m in flexible if m.core_list is None]
+    for name, m in flexible:
+        pool = pool_for(name, m)
+        if m.core_list is None:
+            # unrestricted 'all' models split what is left evenly, in config order
+            k = len(shared)
+            i = [n for n, _ in shared].index(name)
+            share = len(pool) // (k - i)
+            pool = pool[:share]
+        groups = len(pool) // m.cores_per_group
+        if groups == 0:
+            raise PlanError(f"models.{name} gets no group: {len(pool)} free core(s) and cores_per_group = "
+                            f"{m.cores_per_group}; free cores or lower cores_per_group")
+        take(name, pool, groups, m.cores_per_group)
+    return out
+
+
+def resolve_python(cfg: Config, host: Host) -> str:
+    if cfg.server.python != "auto":
+        return cfg.server.python
+    finder = getattr(backend_module(host.backend), "find_python", None)
+    found = finder(cfg) if finder else None
+    return found or sys.executable
+
+
+def make_plan(cfg: Config, host: Host, *, python: str | None = None) -> Plan:
+    if not cfg.models:
+        raise PlanError("no models configured: add a [models.<name>] table")
+    backend = backend_module(host.backend)
+    assignment = _assign_cores(cfg, host)
+    front = _front_port(cfg)
+    groups: list[Group] = []
+    for name, m in cfg.models.items():
+        for i, cores in enumerate(assignment[name]):
+            port = cfg.server.base_port + len(groups)
+            if port > 65535:
+                raise PlanError(f"group {name}-{i} would listen on port {port}: lower server.base_port")
+            if port == front:
+                raise PlanError(f"group {name}-{i} would listen on {port}, the port nginx.listen uses: "
+                                "move server.base_port or nginx.listen")
+            gname = f"{name}-{i}"
+            pin = backend.pin_env(host, cores, m.copies, cfg, gname)
+            cpus = backend.group_cpus(host, cores)
+            settings = ServerSettings(
+                group=gname, model=name, model_dir=Path(cfg.server.model_repository) / name,
+                backend=host.backend, copies=m.copies, threads=int(pin.get("NEURONSERVE_THREADS", 1)),
+                cpus=format_core_list(cpus), max_batch_delay_ms=m.max_batch_delay_ms, max_queue=m.max_queue,
+                truncation=m.truncation, timeout_s=cfg.server.timeout_s, log_level=cfg.server.log_level)
+            env = {**pin, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+            groups.append(Group(name=gname, model=name, index=i, cores=cores, cpus=cpus, port=port,
+                                settings=settings, env=env))
+    return Plan(config=cfg, host=host, groups=groups, python=python or resolve_python(cfg, host))

@@ -1,0 +1,1 @@
+"""The ASGI server a group's worker runs: settings -> app -> batcher -> executor -> backend."""
