@@ -49,7 +49,7 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -m 'not e2e and not systemd and not packaging' $(PYTEST_ARGS)
 
 packages: sysdeps $(STAMP)
-	$(BIN)/python -m neuronserve.packaging_build dist
+	$(BIN)/python packaging/build.py dist
 
 bench: sysdeps $(STAMP)
 	$(BIN)/python -m bench
