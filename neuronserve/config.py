@@ -91,6 +91,8 @@ class NginxSection(_Section):
     auth_token_file: Path | None = Field(None, description="if set, clients must send 'Authorization: Bearer <token>' "
                                                            "with the token in this file")
     rate_limit: str | None = Field(None, pattern=r"^\d+r/[sm]$", description="per-client request rate, e.g. '100r/s'")
+    rate_limit_burst: int | None = Field(None, ge=0, description="requests a client may send at once above "
+                                         "rate_limit before getting 429; default: one second's worth")
 
 
 class NeuronSection(_Section):

@@ -23,3 +23,11 @@ class DeviceError(NeuronserveError):
 
 class ArtifactError(NeuronserveError):
     """A compiled model is missing, damaged, or was compiled for another backend."""
+
+
+class ServiceError(NeuronserveError):
+    """A systemctl call, a unit, nginx or a group's readiness failed: the message names which, and why."""
+
+
+class RenderError(NeuronserveError):
+    """A template failed to render or a rendered file could not be written."""

@@ -129,7 +129,7 @@ def resolve_python(cfg: Config, host: Host) -> str:
     if cfg.server.python != "auto":
         return cfg.server.python
     finder = getattr(backend_module(host.backend), "find_python", None)
-    found = finder(cfg) if finder else None
+    found = finder(cfg, kind=host.kind) if finder else None
     return found or sys.executable
 
 

@@ -19,6 +19,8 @@ Runner = Callable[..., tuple]   # positional CPU tensors in manifest.input_names
 
 class Backend:
     name: str = ""
+    # the attention kernel the model is loaded with before tracing: "eager" lowers everywhere
+    attn_implementation: str = "sdpa"
 
     def unavailable(self) -> str | None:
         """None when this backend's framework can be used here, else why not (and what to install)."""
@@ -28,8 +30,18 @@ class Backend:
         """Framework versions recorded in the manifest."""
         raise NotImplementedError
 
-    def trace(self, module, example: Sequence, *, target: str, workdir: Path, compiler_args: list[str]):
-        """Trace `module` for fixed-shape `example` inputs; returns an object `save` can write."""
+    def dtype(self, requested: str | None, compiler_args: Sequence[str], target: str) -> str:
+        """The precision the traced artifacts compute in (recorded in the manifest; sets the warm-up tolerance)."""
+        if requested not in (None, "float32"):
+            raise ArtifactError(f"the {self.name} backend traces in float32 only, not {requested}")
+        return "float32"
+
+    def trace(self, module, example: Sequence, *, target: str, workdir: Path, compiler_args: list[str],
+              dtype: str = "float32"):
+        """Trace `module` (float32, CPU, eval) for fixed-shape CPU `example` inputs; returns what `save` writes.
+
+        `workdir` is an empty directory for the compiler's intermediate files.
+        """
         raise NotImplementedError
 
     def save(self, traced, path: Path) -> None:
@@ -40,6 +52,18 @@ class Backend:
     def load(self, path: Path, *, copy_index: int, threads: int) -> Runner:
         """Load one copy of an artifact; the returned callable runs one padded batch."""
         raise NotImplementedError
+
+
+def runner(model, place: Callable = lambda t: t) -> Runner:
+    """Wrap a loaded module: inputs go through `place` (to the device), outputs come back float32 on the CPU."""
+    import torch
+
+    def run(*inputs):
+        with torch.inference_mode():
+            out = model(*(place(t) for t in inputs))
+        return tuple(o.float().cpu() for o in (out if isinstance(out, tuple) else (out,)))
+
+    return run
 
 
 def get(name: str) -> Backend:

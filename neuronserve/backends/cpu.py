@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from neuronserve.backends import Backend, Runner
+from neuronserve.backends import Backend, Runner, runner
 
 
 class CpuBackend(Backend):
@@ -22,7 +22,8 @@ class CpuBackend(Backend):
 
         return {"torch": torch.__version__}
 
-    def trace(self, module, example: Sequence, *, target: str, workdir: Path, compiler_args: list[str]):
+    def trace(self, module, example: Sequence, *, target: str, workdir: Path, compiler_args: list[str],
+              dtype: str = "float32"):
         import torch
 
         with torch.inference_mode(False), torch.no_grad():
@@ -33,14 +34,7 @@ class CpuBackend(Backend):
         import torch
 
         torch.set_num_threads(threads)
-        model = torch.jit.load(str(path), map_location="cpu").eval()
-
-        def run(*inputs):
-            with torch.inference_mode():
-                out = model(*inputs)
-            return out if isinstance(out, tuple) else (out,)
-
-        return run
+        return runner(torch.jit.load(str(path), map_location="cpu").eval())
 
 
 BACKEND = CpuBackend()

@@ -11,9 +11,12 @@ One module per backend (neuron, cuda, cpu), each exposing::
 """
 from __future__ import annotations
 
+import os
+import subprocess
 from dataclasses import dataclass, field
 from importlib import import_module
 
+from neuronserve.config import format_core_list
 from neuronserve.errors import DeviceError
 
 BACKENDS = ("neuron", "cuda", "cpu")
@@ -50,6 +53,39 @@ class Host:
             if c.index == index:
                 return c
         raise KeyError(index)
+
+
+def nearby_cpus(host: Host, cores: list[int]) -> list[int]:
+    """CPUs close to these cores (their Core.cpus); every CPU of the host (details["cpus"]) when unknown."""
+    near = sorted({cpu for c in cores for cpu in host.core(c).cpus})
+    return near or list(host.details.get("cpus") or sorted(os.sched_getaffinity(0)))
+
+
+def host_env(cpus: list[int], threads: int) -> dict[str, str]:
+    """The host-side part of every backend's pin_env: CPU affinity and thread pools."""
+    return {
+        "NEURONSERVE_CPUS": format_core_list(cpus),
+        "NEURONSERVE_THREADS": str(threads),
+        # the BLAS/OpenMP pools read these at import, before torch.set_num_threads can act
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def run_tool(argv: list[str], timeout: float = 20.0) -> subprocess.CompletedProcess:
+    """Run a probe (neuron-ls, nvidia-smi, nginx -v, ...); a missing or hung tool becomes rc 127 / 124.
+
+    Every backend takes a `run` callable of this shape so that tests feed recorded outputs.
+    """
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except FileNotFoundError as e:
+        return subprocess.CompletedProcess(argv, 127, "", f"{argv[0]}: {e.strerror}")
+    except PermissionError as e:
+        return subprocess.CompletedProcess(argv, 126, "", f"{argv[0]}: {e.strerror}")
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(argv, 124, "", f"{argv[0]}: no answer within {timeout:g} s")
 
 
 def backend_module(name: str):

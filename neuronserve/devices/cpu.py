@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import os
 
-from neuronserve.config import format_core_list
-from neuronserve.devices import Core, Host
+from neuronserve.devices import Core, Host, host_env
 
 
 def discover(affinity: set[int] | None = None) -> Host:
@@ -25,12 +24,4 @@ def threads_per_copy(cores: list[int], copies: int, configured) -> int:
 
 
 def pin_env(host: Host, cores: list[int], copies: int, cfg, name: str) -> dict[str, str]:
-    threads = threads_per_copy(cores, copies, cfg.cpu.threads_per_copy)
-    return {
-        "NEURONSERVE_CPUS": format_core_list(cores),
-        "NEURONSERVE_THREADS": str(threads),
-        # the BLAS/OpenMP pools read these at import, before torch.set_num_threads can act
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    return host_env(cores, threads_per_copy(cores, copies, cfg.cpu.threads_per_copy))

@@ -1,0 +1,122 @@
+"""The in-process ceiling: the traced model called directly, no HTTP, no tokenizer, no batcher.
+
+Throughput: one process per core group, pinned to the group's CPUs with torch intra-op threads = its CPU
+count (what a neuronserve group gets), all started together and each calling the same artifact the server
+loads, back to back, for a fixed time. Their items/s add up to what the host can do at that batch size; the
+best batch size is the ceiling a server can approach.
+
+Latency: one lone process calling batch 1, on one core group and on all the CPUs at once (which a lone
+request could use when nothing else runs).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Throughput:
+    batch: int
+    items_per_s: float              # all groups together
+    per_call_s: float               # mean time of one batch call, averaged over the groups
+
+
+@dataclass
+class Latency:
+    cpus: list[int]
+    threads: int
+    median_s: float
+    p99_s: float
+    calls: int
+
+
+def sample_arrays(model_dir: Path, payload: dict, batch: int, seq: int):
+    """Every row the tokenized `payload` (a request's `inputs`), padded to [batch, seq] like the server does."""
+    from neuronserve import tasks
+    from neuronserve.artifact import read_manifest
+    from neuronserve.server.model import load_tokenizer
+
+    manifest = read_manifest(model_dir, verify=False)
+    tokenizer = load_tokenizer(model_dir / manifest.tokenizer)
+    items = tasks.encode(manifest.task, tokenizer, tasks.parse_inputs(manifest.task, payload), seq, True)
+    return tasks.pad(items * batch, batch, seq, manifest.input_names)
+
+
+def _load(model_dir: Path, payload: dict, batch: int, cpus: list[int], threads: int):
+    import torch
+
+    from neuronserve import backends
+    from neuronserve.artifact import bucket_file, read_manifest
+
+    os.sched_setaffinity(0, cpus)
+    manifest = read_manifest(model_dir, verify=False)
+    seq = max(manifest.sequence_lengths)
+    run = backends.get("cpu").load(model_dir / bucket_file(batch, seq), copy_index=0, threads=threads)
+    inputs = [torch.from_numpy(a) for a in sample_arrays(model_dir, payload, batch, seq)]
+    for _ in range(2):          # the first calls of a TorchScript module optimise it
+        run(*inputs)
+    return run, inputs
+
+
+def _timed_calls(run, inputs, min_s: float, min_calls: int) -> list[float]:
+    times = []
+    end = time.perf_counter() + min_s
+    while time.perf_counter() < end or len(times) < min_calls:
+        t0 = time.perf_counter()
+        run(*inputs)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _throughput_worker(model_dir, payload, batch, cpus, seconds, barrier, results):
+    run, inputs = _load(Path(model_dir), payload, batch, cpus, len(cpus))
+    barrier.wait()
+    t0 = time.perf_counter()
+    times = _timed_calls(run, inputs, seconds, 3)
+    results.put((len(times) * batch, time.perf_counter() - t0, statistics.fmean(times)))
+
+
+def _latency_worker(model_dir, payload, cpus, threads, seconds, results):
+    run, inputs = _load(Path(model_dir), payload, 1, cpus, threads)
+    results.put(_timed_calls(run, inputs, seconds, 5))
+
+
+def throughput(model_dir: Path, payload: dict, batch: int, groups: list[list[int]], seconds: float) -> Throughput:
+    """All groups at once, each calling batch `batch` back to back for `seconds`."""
+    ctx = mp.get_context("spawn")      # a fresh interpreter per group: no torch thread pool inherited
+    barrier, results = ctx.Barrier(len(groups)), ctx.Queue()
+    procs = [ctx.Process(target=_throughput_worker, args=(str(model_dir), payload, batch, g, seconds, barrier,
+                                                          results)) for g in groups]
+    for p in procs:
+        p.start()
+    try:
+        got = [results.get(timeout=600) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return Throughput(batch=batch, items_per_s=sum(items / elapsed for items, elapsed, _ in got),
+                      per_call_s=statistics.fmean(call for _, _, call in got))
+
+
+def latency(model_dir: Path, payload: dict, cpus: list[int], threads: int, seconds: float) -> Latency:
+    """A lone batch-1 caller on `cpus` with `threads` intra-op threads."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    p = ctx.Process(target=_latency_worker, args=(str(model_dir), payload, cpus, threads, seconds, results))
+    p.start()
+    try:
+        times = sorted(results.get(timeout=600))
+    finally:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+    from neuronserve.stats import percentile
+
+    return Latency(cpus=list(cpus), threads=threads, median_s=statistics.median(times),
+                   p99_s=percentile(times, 99), calls=len(times))

@@ -1,0 +1,44 @@
+"""The two benchmark models, random-init (nothing is downloaded) and compiled for the CPU, kept between runs.
+
+- bert-base: BERT-base for question answering (12 layers, hidden 768), the original sample's model shape;
+- tiny: 2 layers, hidden 128: so little compute that the serving path's own cost shows.
+
+Both take the real all-MiniLM-L6-v2 tokenizer (random_models) and are compiled with neuronserve's compile for
+every (batch, 128) bucket, exactly what the server, the baseline and the ceiling then load.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from neuronserve import random_models
+from neuronserve.artifact import read_manifest
+from neuronserve.compile import compile_model
+from neuronserve.errors import ArtifactError
+
+TASK = "question-answering"
+SEQ = 128
+BATCH_SIZES = {"bert-base": [1, 2, 4], "tiny": [1, 2, 4, 8, 16]}
+
+
+def prepare(name: str, root: Path, *, log=print) -> Path:
+    """The compiled model directory of `name` under root/models (built and compiled unless already there)."""
+    out = root / "models" / name
+    wanted = BATCH_SIZES[name]
+    try:
+        manifest = read_manifest(out, backend="cpu", verify=False)
+        if manifest.batch_sizes == wanted and manifest.sequence_lengths == [SEQ]:
+            return out
+    except ArtifactError:
+        pass
+    source = root / "sources" / name
+    if not (source / "config.json").is_file():
+        log(f"  building random-init {name} in {source}")
+        random_models.build(source, TASK, **random_models.SIZES[name])
+    log(f"  compiling {name} for batch {wanted} x seq {SEQ}")
+    compile_model(source, out, name=name, task=TASK, backend="cpu", target="cpu", batch_sizes=wanted,
+                  sequence_lengths=[SEQ])
+    return out
+
+
+def source_dir(name: str, root: Path) -> Path:
+    return root / "sources" / name

@@ -1,0 +1,114 @@
+"""`neuronserve cleanup`: stop, disable and remove neuronserve's own units and nginx config, and nothing else.
+
+"Own" is decided file by file: a unit named neuronserve.target or neuronserve-*.service in the unit directory,
+the front config at nginx.conf_path, its token map and the gunicorn configs, each only if it carries the header
+`neuronserve render` writes. A file with one of those names but without the header was written by someone else:
+it is reported and left alone. No other unit, service or container is ever stopped. The config, the model
+repository and the neuronserve user stay (the package's purge removes those).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from neuronserve import render
+from neuronserve.apply import NGINX_UNIT, Front, Step
+from neuronserve.layout import Layout
+from neuronserve.systemctl import Systemctl
+
+
+@dataclass
+class Found:
+    units: list[str] = field(default_factory=list)           # to stop (loaded or with a file)
+    unit_files: list[Path] = field(default_factory=list)     # to disable and delete
+    front_files: list[Path] = field(default_factory=list)    # nginx conf and token map
+    other_files: list[Path] = field(default_factory=list)    # gunicorn configs
+    foreign: list[Path] = field(default_factory=list)        # our names, someone else's content: left alone
+
+
+def _ours(path: Path) -> bool:
+    try:
+        return render.HEADER in path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
+def _is_our_unit_name(name: str) -> bool:
+    return name == render.TARGET or (name.startswith("neuronserve-") and name.endswith(".service"))
+
+
+def find(layout: Layout, systemctl: Systemctl) -> Found:
+    found = Found()
+    candidates = [layout.unit_path(render.TARGET), *sorted(layout.unit_dir.glob(render.UNIT_GLOB))]
+    for path in candidates:
+        if not path.is_file():
+            continue
+        if _ours(path):
+            found.unit_files.append(path)
+            found.units.append(path.name)
+        else:
+            found.foreign.append(path)
+    # units still loaded (running, or failed) whose file is already gone
+    foreign_names = {p.name for p in found.foreign}
+    for unit in systemctl.loaded_units("neuronserve*"):
+        if _is_our_unit_name(unit) and unit not in found.units and unit not in foreign_names:
+            found.units.append(unit)
+    for path in (layout.nginx_conf, render.auth_map_path(layout)):
+        if path.is_file():
+            (found.front_files if _ours(path) else found.foreign).append(path)
+    for path in sorted(layout.gunicorn_dir.glob("*.conf.py")) if layout.gunicorn_dir.is_dir() else []:
+        (found.other_files if _ours(path) else found.foreign).append(path)
+    # enable links left by a unit file deleted by hand (disable needs the file to find them)
+    for link in sorted(layout.unit_dir.glob("*.wants/*")):
+        if link.is_symlink() and _is_our_unit_name(link.name) and not link.exists():
+            found.other_files.append(link)
+    return found
+
+
+def cleanup(layout: Layout, *, systemctl: Systemctl | None = None, front: Front | None = None,
+            dry_run: bool = False, log: Callable[[Step], None] = lambda step: None) -> list[Step]:
+    systemctl = systemctl or Systemctl()
+    front = front or Front(systemctl)
+    found = find(layout, systemctl)
+    steps: list[Step] = []
+
+    def step(action: str, target: str, detail: str = "") -> None:
+        s = Step(action, target, detail + (" (dry run)" if dry_run else ""))
+        steps.append(s)
+        log(s)
+
+    for path in found.foreign:
+        step("keep", str(path), "not written by neuronserve")
+    # nginx first: clients get a clean 404 from nginx rather than errors from stopping groups
+    for path in found.front_files:
+        if not dry_run:
+            path.unlink(missing_ok=True)
+        step("remove", str(path))
+    if found.front_files and systemctl.is_active(NGINX_UNIT) == "active":
+        if not dry_run:
+            front.reload()
+        step("nginx", NGINX_UNIT, "reloaded")
+    if found.units:
+        if not dry_run:
+            systemctl.stop(*found.units)
+        step("stop", " ".join(found.units))
+    if found.unit_files:
+        if not dry_run:
+            systemctl.disable(*(p.name for p in found.unit_files))
+        step("disable", " ".join(p.name for p in found.unit_files))
+    for path in found.unit_files + found.other_files:
+        if not dry_run:
+            path.unlink(missing_ok=True)
+        step("remove", str(path))
+    wants = layout.unit_path(render.TARGET + ".wants")
+    if wants.is_dir() and not any(wants.iterdir()) and not dry_run:
+        wants.rmdir()
+    if found.units and not dry_run:
+        systemctl.daemon_reload()
+        systemctl.reset_failed(*found.units)
+    if found.units:
+        step("daemon-reload", "systemd")
+    if not steps:
+        step("nothing", "to clean", "no neuronserve unit or front config found")
+    return steps

@@ -1,0 +1,287 @@
+"""The ASGI app one group's worker runs: `gunicorn -k uvicorn_worker.UvicornWorker 'neuronserve.server.app:create_app()'`.
+
+Routes (every error body is {"error": "<message>"}):
+
+    GET  /v2/health/live                  200 while the process serves HTTP
+    GET  /v2/health/ready                 200 once every copy passed the known-answer warm-up, else 503 + reason
+    GET  /v2                              server metadata
+    GET  /v2/models/{m}[/versions/1]      model metadata (inputs, outputs, task, buckets)
+    GET  /v2/models/{m}[/versions/1]/ready
+    POST /v2/models/{m}[/versions/1]/infer  KServe v2 inference (JSON, or Triton's binary tensor extension)
+    POST /models/{m}, POST /              Hugging Face task JSON: {"inputs": ...} -> decoded answers
+    GET  /metrics                         Prometheus text format
+
+KServe v2 inputs are either token tensors (INT64 input_ids [n, s], optional attention_mask and token_type_ids
+of the same shape) or text: one BYTES input of n strings (question-answering: n JSON objects
+'{"question": ..., "context": ...}', or two BYTES inputs named question and context). Outputs: the model's raw
+FP32 tensors named as manifest.output_names and, for text, a BYTES "answer" holding each item's decoded answer
+as a JSON string.
+
+Status codes: 400 malformed request, 404 unknown model, 413 more items than the queue holds, 422 input the model
+cannot take (empty or over-long text, token ids out of range), 503 not ready or queue full (Retry-After), 504 no
+answer within timeout_s.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from neuronserve import __version__, tasks
+from neuronserve.config import parse_core_list
+from neuronserve.errors import ConfigError, NeuronserveError
+from neuronserve.server.batcher import ServeError
+from neuronserve.server.model import ServedModel
+from neuronserve.server.protocol import HEADER_LENGTH, ProtocolError, TaskRequest, encode_response, \
+    parse_infer_request, parse_json
+from neuronserve.server.settings import ServerSettings
+
+log = logging.getLogger("neuronserve.server")
+
+BOOT_ERROR = 3      # gunicorn's WORKER_BOOT_ERROR: the master stops (and systemd sees the unit fail) instead of
+                    # respawning a worker that cannot start
+VERSION = "1"       # a group serves one compiled version of its model
+ANSWER = "answer"   # the BYTES output carrying decoded answers for text inputs
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def create_app(settings: ServerSettings | None = None, *, load=None) -> FastAPI:
+    """The app for one group. Without `settings` (the worker's case) they come from NEURONSERVE_* and a start-up
+    failure (bad environment, missing/damaged/wrong-backend artifact) is logged as one line and exits the worker
+    with gunicorn's boot-error code; with `settings` the NeuronserveError is raised. `load` replaces the backend's
+    loader (tests)."""
+    from_env = settings is None
+    try:
+        if from_env:
+            settings = ServerSettings.from_env()
+        _setup_logging(settings.log_level)
+        _pin(settings)
+        model = ServedModel(settings, load=load)
+    except NeuronserveError as e:
+        if not from_env:
+            raise
+        _setup_logging(settings.log_level if settings else "info")
+        log.error("cannot start%s: %s", f" {settings.group}" if settings else "", e)
+        for h in log.handlers:
+            h.flush()
+        sys.exit(BOOT_ERROR)
+    return build_app(model)
+
+
+def _setup_logging(level: str) -> None:
+    if not log.handlers:
+        gunicorn = logging.getLogger("gunicorn.error").handlers
+        if gunicorn:
+            log.handlers = list(gunicorn)
+        else:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"))
+            log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(level.upper())
+
+
+def _pin(settings: ServerSettings) -> None:
+    """CPU affinity (before any thread starts, so every thread inherits it) and torch's intra-op threads."""
+    if settings.cpus:
+        try:
+            os.sched_setaffinity(0, parse_core_list(settings.cpus))
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"NEURONSERVE_CPUS={settings.cpus!r}: cannot pin the worker: {e}") from None
+    import torch
+
+    torch.set_num_threads(settings.threads)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client closed the connection (the body was read already: the next message is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def build_app(model: ServedModel) -> FastAPI:
+    settings, manifest = model.settings, model.manifest
+    spec = tasks.get(model.task)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        model.start(asyncio.get_running_loop())
+        log.info("%s: serving %s (%s, %s) from %s with %d copies x %d threads, buckets %s", settings.group,
+                 model.name, model.task, settings.backend, settings.model_dir, settings.copies, settings.threads,
+                 " ".join(f"{b.batch}x{b.seq}" for b in manifest.buckets))
+        try:
+            yield
+        finally:
+            model.close()
+
+    app = FastAPI(title="neuronserve", version=__version__, lifespan=lifespan, default_response_class=JSONResponse,
+                  docs_url=None, redoc_url=None)
+    app.state.model = model
+
+    def lookup(name: str, version: str | None = None) -> ServedModel:
+        if name != model.name:
+            raise ServeError(404, f"unknown model {name!r}; this server serves {model.name!r}")
+        if version not in (None, VERSION):
+            raise ServeError(404, f"unknown version {version!r} of {name!r}; it has version {VERSION}")
+        return model
+
+    async def answered(handler, *args) -> Response:
+        """Run an inference handler: errors become their status + message, and every answer is counted."""
+        t0 = time.monotonic()
+        try:
+            response = await handler(t0, *args)
+        except ServeError as e:
+            response = error(e.status, str(e), e.retry_after)
+        except ProtocolError as e:
+            response = error(400, str(e))
+        except tasks.BadInput as e:
+            response = error(422, str(e))
+        except Exception as e:  # a bug: answer, log the traceback, keep the worker
+            log.exception("unexpected error")
+            response = error(500, f"internal error: {type(e).__name__}: {e}")
+        model.metrics.request(response.status_code, time.monotonic() - t0)
+        return response
+
+    # ---------------------------------------------------------------- health and metadata
+
+    @app.get("/v2/health/live")
+    async def live():
+        return JSONResponse({"live": True})
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        if model.ready:
+            return JSONResponse({"ready": True})
+        return JSONResponse({"ready": False, "reason": model.reason}, status_code=503)
+
+    @app.get("/v2")
+    async def server_metadata():
+        return JSONResponse({"name": "neuronserve", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None):
+        try:
+            lookup(name, version)
+        except ServeError as e:
+            return error(e.status, str(e))
+        return JSONResponse(metadata)
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None):
+        try:
+            lookup(name, version)
+        except ServeError as e:
+            return error(e.status, str(e))
+        if model.ready:
+            return JSONResponse({"name": name, "ready": True})
+        return JSONResponse({"name": name, "ready": False, "reason": model.reason}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(model.metrics.render(), media_type=model.metrics.content_type)
+
+    text_inputs = ["question", "context"] if spec.pair else []
+    metadata = {
+        "name": model.name, "versions": [VERSION], "platform": f"neuronserve_{settings.backend}",
+        "inputs": [{"name": n, "datatype": "INT64", "shape": [-1, -1]} for n in manifest.input_names]
+        + [{"name": n, "datatype": "BYTES", "shape": [-1]} for n in ["text"] + text_inputs],
+        "outputs": [{"name": n, "datatype": "FP32", "shape": _output_shape(manifest, n, spec.per_token)}
+                    for n in manifest.output_names] + [{"name": ANSWER, "datatype": "BYTES", "shape": [-1]}],
+        "parameters": {"task": model.task, "group": settings.group, "copies": settings.copies,
+                       "buckets": [[b.batch, b.seq] for b in manifest.buckets], "labels": manifest.labels},
+    }
+
+    # ---------------------------------------------------------------- inference
+
+    async def infer_v2(t0: float, request: Request, name: str, version: str | None) -> Response:
+        lookup(name, version)
+        req, tensors = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
+        text = {n: t for n, t in tensors.items() if t.dtype == object}
+        if text and len(text) != len(tensors):
+            raise ProtocolError("send either text (BYTES) or token tensors (INT64), not both")
+        available = list(manifest.output_names) + ([ANSWER] if text else [])
+        wanted = [o.name for o in req.outputs] if req.outputs else available
+        unknown = [n for n in wanted if n not in available]
+        if unknown:
+            raise ProtocolError(f"unknown output(s) {', '.join(unknown)}; this request can have "
+                                f"{', '.join(available)}")
+        if text:
+            items = await model.tokenize(tasks.parse_inputs(model.task, _texts(text, spec.pair)))
+        else:
+            items = model.tensor_items(tensors)
+        work = await model.infer(items, decode=bool(text), deadline=t0 + settings.timeout_s,
+                                 disconnected=lambda: _client_gone(request))
+        outputs = model.outputs(work)
+        if text:
+            answers = np.empty(len(work.answers), dtype=object)
+            answers[:] = [orjson.dumps(a).decode() for a in work.answers]
+            outputs[ANSWER] = answers
+        body, headers = encode_response(model.name, VERSION, req.id, {n: outputs[n] for n in wanted},
+                                        req.binary_outputs())
+        media = "application/octet-stream" if headers else "application/json"
+        return Response(body, media_type=media, headers=headers)
+
+    async def infer_task(t0: float, request: Request, name: str) -> Response:
+        lookup(name)
+        req = parse_json(await request.body(), TaskRequest)
+        items = await model.tokenize(tasks.parse_inputs(model.task, req.inputs))
+        work = await model.infer(items, decode=True, deadline=t0 + settings.timeout_s,
+                                 disconnected=lambda: _client_gone(request))
+        return JSONResponse(work.answers if isinstance(req.inputs, list) else work.answers[0])
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(request: Request, name: str, version: str | None = None):
+        return await answered(infer_v2, request, name, version)
+
+    @app.post("/models/{name}")
+    async def task_json(request: Request, name: str):
+        return await answered(infer_task, request, name)
+
+    @app.post("/")
+    async def task_json_default(request: Request):
+        return await answered(infer_task, request, model.name)
+
+    return app
+
+
+def _texts(text: dict[str, np.ndarray], pair: bool) -> list:
+    """BYTES inputs -> the `inputs` parse_inputs takes (question/context pairs zipped for question-answering)."""
+    if pair and set(text) == {"question", "context"}:
+        q, c = text["question"].ravel(), text["context"].ravel()
+        if q.size != c.size:
+            raise ProtocolError(f"question has {q.size} elements, context {c.size}: they pair up one to one")
+        return [{"question": a, "context": b} for a, b in zip(q.tolist(), c.tolist())]
+    if len(text) != 1:
+        raise ProtocolError(f"text goes in one BYTES input{' (or two named question and context)' if pair else ''}; "
+                            f"got {', '.join(sorted(text))}")
+    return next(iter(text.values())).ravel().tolist()
+
+
+def _output_shape(manifest, name: str, per_token: bool) -> list[int]:
+    if per_token:
+        return [-1, -1]
+    rows = manifest.warmup.expected.get(name) if manifest.warmup else None
+    return [-1, len(rows[0])] if rows else [-1, -1]

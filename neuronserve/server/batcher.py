@@ -1,0 +1,149 @@
+"""The shared queue between the routes (event loop) and the model copies (one thread each).
+
+A request becomes one Work holding its tokenized items; each item is a queue entry, so a request with more items
+than the largest batch spreads over several batches (and copies). A copy asks `next_batch()` for work:
+
+- on an idle server (no copy executing) it takes what is queued at once: a lone request gets no added latency;
+- while another copy is busy it waits until the batch is full or the oldest item has waited max_batch_delay,
+  trading a little latency for fuller batches under load;
+- it takes entries in arrival order and picks the cheapest compiled (batch, seq) bucket that holds them (seq by the
+  longest item); when no bucket holds them all, the tail goes back to the front of the queue for the next batch;
+- entries of a cancelled Work (client gone, timed out) are dropped without running.
+
+The queue is bounded (items): `submit` refuses with 503 + Retry-After when it is full.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from itertools import accumulate
+from typing import Iterable, NamedTuple
+
+
+class ServeError(Exception):
+    """A request that cannot be served as asked; `status` is its HTTP code, the message is for the client."""
+
+    def __init__(self, status: int, message: str, *, retry_after: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class Work:
+    """One request's items on their way through the queue: the copies fill `rows` (and `answers` when the
+    request wants decoded answers); the event loop resolves `future` once every item is in."""
+
+    __slots__ = ("items", "decode", "rows", "answers", "pending", "future", "cancelled", "t0")
+
+    def __init__(self, items: list, future, *, decode: bool):
+        self.items = items
+        self.decode = decode
+        self.rows: list = [None] * len(items)       # per item: tuple of output rows, in output_names order
+        self.answers: list | None = [None] * len(items) if decode else None
+        self.pending = len(items)
+        self.future = future
+        self.cancelled = False                      # set on the loop, read by the copies: they skip its items
+        self.t0 = time.monotonic()
+
+
+class Batch(NamedTuple):
+    batch: int
+    seq: int
+    entries: list   # [(Work, item index)], at most `batch` of them
+
+
+class Batcher:
+    def __init__(self, buckets: Iterable[tuple[int, int]], *, max_queue: int, max_delay_s: float):
+        # cheapest first: fewer padded token slots, then the shorter sequence (attention grows with its square)
+        self.buckets = sorted(set(buckets), key=lambda bs: (bs[0] * bs[1], bs[1]))
+        if not self.buckets:
+            raise ValueError("no buckets")
+        self.max_batch = max(b for b, _ in self.buckets)
+        self.max_seq = max(s for _, s in self.buckets)
+        self.max_queue = max_queue
+        self.max_delay_s = max_delay_s
+        self._queue: deque[tuple[Work, int]] = deque()
+        self._cond = threading.Condition()
+        self._running = 0
+        self._closed = False
+        self.dropped = 0    # items skipped because their request was cancelled
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def submit(self, work: Work) -> None:
+        """Queue every item of `work` (called on the event loop; never blocks)."""
+        n = len(work.items)
+        if n > self.max_queue:
+            raise ServeError(413, f"{n} inputs in one request, more than this server queues ({self.max_queue}); "
+                                  "split the request")
+        longest = max(item.length for item in work.items)
+        if longest > self.max_seq:
+            raise ServeError(422, f"{longest} tokens, longer than the largest sequence bucket ({self.max_seq})")
+        with self._cond:
+            if self._closed:
+                raise ServeError(503, "shutting down", retry_after=1)
+            if len(self._queue) + n > self.max_queue:
+                raise ServeError(503, f"busy: {len(self._queue)} items queued (max_queue {self.max_queue}); "
+                                      "retry later", retry_after=1)
+            self._queue.extend((work, i) for i in range(n))
+            self._cond.notify()
+
+    def next_batch(self) -> Batch | None:
+        """Block until there is a batch to run (None once closed). Pair every batch with `done()`."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    return None
+                if not self._queue:
+                    self._cond.wait()
+                    continue
+                if self._running and len(self._queue) < self.max_batch:
+                    wait = self._queue[0][0].t0 + self.max_delay_s - time.monotonic()
+                    if wait > 0:
+                        self._cond.wait(wait)
+                        continue
+                batch = self._take()
+                if batch is None:
+                    continue
+                self._running += 1
+                if self._queue:
+                    self._cond.notify()     # the rest is for another copy
+                return batch
+
+    def done(self) -> None:
+        """A copy finished the batch it took (or was given up on): it no longer counts as executing."""
+        with self._cond:
+            self._running -= 1
+            if self._queue:
+                self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _take(self) -> Batch | None:
+        entries = []
+        queue = self._queue
+        while queue and len(entries) < self.max_batch:
+            entry = queue.popleft()
+            if entry[0].cancelled:
+                self.dropped += 1
+            else:
+                entries.append(entry)
+        if not entries:
+            return None
+        longest = list(accumulate((w.items[i].length for w, i in entries), max))
+        n = len(entries)
+        while True:
+            seq_needed = longest[n - 1]
+            for b, s in self.buckets:
+                if b >= n and s >= seq_needed:
+                    if n < len(entries):
+                        queue.extendleft(reversed(entries[n:]))
+                        del entries[n:]
+                    return Batch(b, s, entries)
+            n -= 1     # n == 1 always fits: submit refused items longer than every bucket

@@ -1,0 +1,208 @@
+"""N model copies, each on its own thread, pulling batches from the shared Batcher.
+
+A copy loads one runner per compiled bucket (backends.get(backend).load), runs the known-answer warm-up, and only
+then takes work. It pads a batch (tasks.pad), runs it, cuts the outputs into per-item rows (decoding answers for
+requests that want them, here, off the event loop) and hands them back with one call_soon_threadsafe per batch.
+
+A copy stuck in one batch for longer than the request timeout is given up on: a fresh copy with the same index
+is loaded to take its place, and the stuck thread exits if its batch ever returns.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from neuronserve import tasks
+from neuronserve.artifact import Manifest
+from neuronserve.server.batcher import Batch, Batcher, ServeError, Work
+from neuronserve.server.metrics import Metrics
+
+log = logging.getLogger("neuronserve.server")
+
+Loader = Callable[..., Callable]   # (path, *, copy_index, threads) -> runner, as Backend.load
+
+
+@dataclass(eq=False)
+class Copy:
+    index: int
+    state: str = "loading"              # loading | ready | failed
+    reason: str = ""
+    busy_since: float | None = None     # monotonic time the running batch started
+    retired: bool = False               # given up on while stuck: exits once its batch returns
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Executor:
+    def __init__(self, manifest: Manifest, model_dir: Path, *, load: Loader, copies: int, threads: int,
+                 batcher: Batcher, metrics: Metrics, warmup: list, stuck_after_s: float,
+                 on_change: Callable[[], None]):
+        self.manifest = manifest
+        self.model_dir = Path(model_dir)
+        self.load = load
+        self.threads = threads
+        self.batcher = batcher
+        self.metrics = metrics
+        self.warmup = warmup                    # tasks.warmup_batches(...) for this manifest
+        self.stuck_after_s = stuck_after_s
+        self.on_change = on_change              # called (from copy threads) when a copy's state changes
+        self.per_token = tasks.get(manifest.task).per_token
+        self.copies = [Copy(i) for i in range(copies)]
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        for copy in self.copies:
+            self._spawn(copy)
+        threading.Thread(target=self._watchdog, name="copy-watchdog", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _spawn(self, copy: Copy) -> None:
+        # daemon: a copy stuck inside its runner must not hold the worker's exit
+        threading.Thread(target=self._serve, args=(copy,), name=f"copy-{copy.index}", daemon=True).start()
+
+    def _watchdog(self) -> None:
+        period = min(1.0, self.stuck_after_s / 4)
+        while not self._stop.wait(period):
+            now = time.monotonic()
+            for pos, copy in enumerate(self.copies):
+                since = copy.busy_since
+                if since is not None and now - since > self.stuck_after_s and self._release(copy):
+                    copy.retired = True
+                    log.warning("copy %d stuck in one batch for %.0f s; loading a replacement", copy.index,
+                                now - since)
+                    fresh = Copy(copy.index)
+                    self.copies[pos] = fresh
+                    self._spawn(fresh)
+
+    def _release(self, copy: Copy) -> bool:
+        """End the copy's running batch exactly once, whether the copy or the watchdog gets there first."""
+        with copy.lock:
+            if copy.busy_since is None:
+                return False
+            copy.busy_since = None
+        self.batcher.done()
+        return True
+
+    def _set_state(self, copy: Copy, state: str, reason: str = "") -> None:
+        copy.state, copy.reason = state, reason
+        self.on_change()
+
+    # ---------------------------------------------------------------- one copy's thread
+
+    def _serve(self, copy: Copy) -> None:
+        try:
+            runners = {(b.batch, b.seq): self.load(self.model_dir / b.file, copy_index=copy.index,
+                                                   threads=self.threads)
+                       for b in self.manifest.buckets}
+        except Exception as e:  # a device or framework failure: the message is what the operator needs
+            log.error("copy %d: cannot load the model: %s", copy.index, e)
+            self._set_state(copy, "failed", f"copy {copy.index}: cannot load the model: {e}")
+            return
+        mismatch = self._check_warmup(runners)
+        if mismatch:
+            log.error("copy %d: warm-up gave a wrong answer, not serving: %s", copy.index, mismatch)
+            self._set_state(copy, "failed", f"copy {copy.index}: warm-up gave a wrong answer: {mismatch}")
+            return
+        self._set_state(copy, "ready")
+        busy = self.metrics.busy(copy.index)
+        while not copy.retired and not self._stop.is_set():
+            batch = self.batcher.next_batch()
+            if batch is None:
+                return
+            with copy.lock:
+                copy.busy_since = time.monotonic()
+            try:
+                self._run(runners, batch, busy)
+            finally:
+                self._release(copy)
+
+    def _check_warmup(self, runners: dict) -> str | None:
+        """Run the known-answer items (their bucket checked, every other bucket run once to warm it)."""
+        try:
+            outputs, items = [], []
+            for arrays, chunk in self.warmup:
+                b, s = arrays[0].shape
+                outputs.append((self._call(runners[(b, s)], arrays), chunk))
+                items.extend(chunk)
+            checked = {a[0].shape for a, _ in self.warmup}
+            sample = items[0]
+            for (b, s), runner in runners.items():
+                if (b, s) not in checked:
+                    self._call(runner, tasks.pad([sample], b, s, self.manifest.input_names))
+            got = tasks.warmup_outputs(outputs, self.manifest.output_names)
+            return tasks.warmup_mismatch(self.manifest, got, items)
+        except Exception as e:
+            return f"the warm-up run failed: {e}"
+
+    @staticmethod
+    def _call(runner, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        out = runner(*[torch.from_numpy(a) for a in arrays])
+        return [o.numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in out]
+
+    def _run(self, runners: dict, batch: Batch, busy) -> None:
+        entries = batch.entries
+        items = [w.items[i] for w, i in entries]
+        started = time.perf_counter()
+        try:
+            arrays = tasks.pad(items, batch.batch, batch.seq, self.manifest.input_names)
+            outputs = self._call(runners[(batch.batch, batch.seq)], arrays)
+        except Exception as e:
+            log.exception("batch of %d in bucket (%d, %d) failed", len(items), batch.batch, batch.seq)
+            self._loop.call_soon_threadsafe(_fail, entries, ServeError(500, f"inference failed: {e}"))
+            return
+        finally:
+            busy.inc(time.perf_counter() - started)
+        self.metrics.batch(len(items), batch.batch)
+        results = []
+        manifest, task = self.manifest, self.manifest.task
+        for row, (work, i) in enumerate(entries):
+            if work.cancelled:
+                continue
+            item = items[row]
+            rows = tuple(o[row, :item.length] if self.per_token else o[row] for o in outputs)
+            answer = None
+            if work.decode:
+                try:
+                    answer = tasks.decode(task, manifest, rows, item)
+                except Exception as e:  # a decode bug must fail this item's request, not the copy
+                    log.exception("decoding an answer failed")
+                    answer = ServeError(500, f"decoding the answer failed: {e}")
+            results.append((work, i, rows, answer))
+        if results:
+            self._loop.call_soon_threadsafe(_deliver, results)
+
+
+# ---------------------------------------------------------------- on the event loop
+
+def _deliver(results: list) -> None:
+    for work, i, rows, answer in results:
+        if work.future.done():
+            continue
+        if isinstance(answer, ServeError):
+            work.future.set_exception(answer)
+            continue
+        work.rows[i] = rows
+        if work.answers is not None:
+            work.answers[i] = answer
+        work.pending -= 1
+        if work.pending == 0:
+            work.future.set_result(work)
+
+
+def _fail(entries: list, error: ServeError) -> None:
+    for work, _ in entries:
+        if not work.future.done():
+            work.future.set_exception(error)

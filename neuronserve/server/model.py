@@ -1,0 +1,247 @@
+"""One group's served model: the checked artifact, its tokenizer, the batcher and the copies, and readiness.
+
+The routes call `tokenize` (text -> items, on the tokenizer thread), `tensor_items` (client-tokenized tensors ->
+items) and `infer` (items -> a finished Work, or a ServeError carrying the HTTP status).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from typing import Awaitable, Callable
+
+import numpy as np
+
+from neuronserve import backends, tasks
+from neuronserve.artifact import read_manifest
+from neuronserve.errors import ArtifactError
+from neuronserve.server.batcher import Batcher, ServeError, Work
+from neuronserve.server.executor import Executor, Loader
+from neuronserve.server.metrics import Metrics
+from neuronserve.server.settings import ServerSettings
+
+log = logging.getLogger("neuronserve.server")
+
+
+def load_tokenizer(path):
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: cannot load the tokenizer: {e}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ArtifactError(f"{path}: not a fast tokenizer (no tokenizer.json); recompile the model")
+    return tokenizer
+
+
+class ServedModel:
+    """Raises ArtifactError (with what to do) when the artifact is missing, damaged or for another backend."""
+
+    def __init__(self, settings: ServerSettings, *, load: Loader | None = None):
+        self.settings = settings
+        self.name = settings.model
+        self.manifest = manifest = read_manifest(settings.model_dir, backend=settings.backend)
+        if manifest.warmup is None:
+            raise ArtifactError(f"{settings.model_dir}: the manifest has no warm-up answer to check; "
+                                "recompile with this neuronserve")
+        self.task = manifest.task
+        self.tokenizer = load_tokenizer(settings.model_dir / manifest.tokenizer)
+        self.vocab_size = len(self.tokenizer)
+        self.metrics = Metrics(settings.model, settings.group)
+        self.batcher = Batcher([(b.batch, b.seq) for b in manifest.buckets], max_queue=settings.max_queue,
+                               max_delay_s=settings.max_batch_delay_ms / 1000)
+        self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+        try:
+            warmup = tasks.warmup_batches(self.task, self.tokenizer, manifest)
+        except tasks.BadInput as e:
+            raise ArtifactError(f"{settings.model_dir}: the manifest's warm-up inputs are unusable: {e}") from None
+        self.executor = Executor(manifest, settings.model_dir, load=load or backends.get(settings.backend).load,
+                                 copies=settings.copies, threads=settings.threads, batcher=self.batcher,
+                                 metrics=self.metrics, warmup=warmup, stuck_after_s=settings.timeout_s,
+                                 on_change=self._copies_changed)
+        self._tokenizer_thread = TokenizerThread(self.task, self.tokenizer, self.batcher.max_seq,
+                                                 settings.truncation)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._state_lock = threading.Lock()
+        self._warmed = False     # every copy passed the warm-up once (a replacement loading later keeps it)
+        self.ready = False
+        self.reason = "loading the model copies"
+
+    # ---------------------------------------------------------------- lifecycle and readiness
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start loading and warming the copies in their threads; `ready` turns true when all pass."""
+        self._loop = loop
+        self._tokenizer_thread.start(loop)
+        self.executor.start(loop)
+
+    def close(self) -> None:
+        self.executor.stop()
+        self.batcher.close()
+        self._tokenizer_thread.stop()
+
+    def _copies_changed(self) -> None:
+        with self._state_lock:
+            copies = list(self.executor.copies)
+            failed = [c.reason for c in copies if c.state == "failed"]
+            loaded = sum(c.state == "ready" for c in copies)
+            was = self.ready
+            if failed:
+                self.ready, self.reason = False, failed[0]
+            elif loaded == len(copies) or self._warmed:
+                self._warmed = True
+                self.ready, self.reason = True, ""
+            else:
+                self.reason = f"loading: {loaded} of {len(copies)} copies warmed up"
+            self.metrics.ready.set(1 if self.ready else 0)
+        if self.ready and not was:
+            log.info("%s ready: %d copies passed the known-answer warm-up", self.settings.group, len(copies))
+
+    # ---------------------------------------------------------------- the request path
+
+    async def tokenize(self, items: list) -> list[tasks.Encoded]:
+        """Parsed task items -> encoded items, on the tokenizer thread. Raises tasks.BadInput."""
+        return await self._tokenizer_thread.encode(items)
+
+    def tensor_items(self, tensors: dict[str, np.ndarray]) -> list[tasks.Encoded]:
+        """Client-tokenized int tensors [n, s] by input name -> one item per row (all s tokens long)."""
+        names = self.manifest.input_names
+        unknown = sorted(set(tensors) - set(names))
+        if unknown:
+            raise ServeError(400, f"unknown input(s) {', '.join(unknown)}; {self.name} takes {', '.join(names)} "
+                                  "(INT64 [batch, sequence]) or text as one BYTES input")
+        if "input_ids" not in tensors:
+            raise ServeError(400, "input_ids is required with token tensors")
+        shape = tensors["input_ids"].shape
+        for name, array in tensors.items():
+            if array.dtype.kind not in "iu":
+                raise ServeError(400, f"input {name}: integer token ids expected (INT64), got {array.dtype}")
+            if array.ndim != 2 or array.shape != shape:
+                raise ServeError(400, f"input {name}: shape {list(array.shape)}; every token input must be "
+                                      f"[batch, sequence] and the same shape as input_ids {list(shape)}")
+        n, s = shape
+        if n == 0 or s == 0:
+            raise ServeError(422, f"input_ids has shape {list(shape)}: nothing to infer")
+        if s > self.batcher.max_seq:
+            raise ServeError(422, f"sequence length {s} is longer than the largest compiled bucket "
+                                  f"({self.batcher.max_seq})")
+        limits = {"input_ids": self.vocab_size, "attention_mask": 2, "token_type_ids": 2}
+        for name, array in tensors.items():
+            if array.min() < 0 or array.max() >= limits[name]:
+                raise ServeError(422, f"input {name}: values must lie in 0..{limits[name] - 1}")
+        arrays = {name: a.astype(np.int64, copy=False) for name, a in tensors.items()}
+        return [tasks.Encoded({name: a[row] for name, a in arrays.items()}, s) for row in range(n)]
+
+    async def infer(self, items: list[tasks.Encoded], *, decode: bool, deadline: float,
+                    disconnected: Callable[[], Awaitable] | None = None) -> Work:
+        """Queue `items`, wait for every row (and answer, with `decode`); ServeError on refusal, timeout or
+        client gone. `deadline` is a time.monotonic() value; `disconnected` returns once the client left."""
+        if not self.ready:
+            raise ServeError(503, f"{self.name} is not ready: {self.reason}", retry_after=5)
+        work = Work(items, self._loop.create_future(), decode=decode)
+        self.batcher.submit(work)
+        watcher = asyncio.ensure_future(disconnected()) if disconnected else None
+        try:
+            waits = {work.future, watcher} if watcher else {work.future}
+            await asyncio.wait(waits, timeout=max(0.0, deadline - time.monotonic()),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if watcher:
+                watcher.cancel()
+        if work.future.done():
+            return work.future.result()
+        work.cancelled = True    # copies skip what is still queued
+        work.future.cancel()
+        if watcher is not None and watcher.done() and not watcher.cancelled():
+            raise ServeError(499, "client disconnected")
+        raise ServeError(504, f"no answer within {self.settings.timeout_s:g} s (timeout_s)")
+
+    def outputs(self, work: Work) -> dict[str, np.ndarray]:
+        """The raw outputs as [n, ...] arrays by output name; per-token rows of different lengths are
+        zero-padded to the longest (only text requests have them: token tensors share one length)."""
+        out = {}
+        for k, name in enumerate(self.manifest.output_names):
+            rows = [r[k] for r in work.rows]
+            width = max(r.shape[0] for r in rows) if rows[0].ndim else 0
+            if rows[0].ndim and any(r.shape[0] != width for r in rows):
+                stacked = np.zeros((len(rows), width), dtype=np.float32)
+                for i, r in enumerate(rows):
+                    stacked[i, :r.shape[0]] = r
+            else:
+                stacked = np.stack(rows).astype(np.float32, copy=False)
+            out[name] = stacked
+        return out
+
+
+class TokenizerThread:
+    """Tokenizes off the event loop; requests that arrive together are tokenized in one batched call."""
+
+    def __init__(self, task: str, tokenizer, max_seq: int, truncation: bool):
+        self.task, self.tokenizer, self.max_seq, self.truncation = task, tokenizer, max_seq, truncation
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        threading.Thread(target=self._run, name="tokenizer", daemon=True).start()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def encode(self, items: list) -> asyncio.Future:
+        future = self._loop.create_future()
+        self._jobs.put((items, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            jobs = [job]
+            while True:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._jobs.put(None)     # finish these, then stop
+                    break
+                jobs.append(more)
+            self._loop.call_soon_threadsafe(_settle, jobs, self._encode(jobs))
+
+    def _encode(self, jobs: list) -> list:
+        def one(items):
+            return tasks.encode(self.task, self.tokenizer, items, self.max_seq, self.truncation)
+
+        if len(jobs) > 1:
+            try:
+                flat = one([item for items, _ in jobs for item in items])
+            except Exception:
+                pass    # some request's input is bad: tokenize one by one to tell whose
+            else:
+                out, at = [], 0
+                for items, _ in jobs:
+                    out.append(flat[at:at + len(items)])
+                    at += len(items)
+                return out
+        out = []
+        for items, _ in jobs:
+            try:
+                out.append(one(items))
+            except Exception as e:
+                out.append(e)
+        return out
+
+
+def _settle(jobs: list, results: list) -> None:
+    for (_, future), result in zip(jobs, results):
+        if future.done():
+            continue
+        if isinstance(result, Exception):
+            future.set_exception(result)
+        else:
+            future.set_result(result)

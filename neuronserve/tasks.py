@@ -1,0 +1,345 @@
+"""Everything task-specific, defined once for `neuronserve compile` and the server.
+
+Per task (see TASKS): the wrapper module compile traces, its output names, and the default warm-up inputs.
+The request path is
+
+    items   = parse_inputs(task, payload_inputs)            # JSON `inputs` -> items; BadInput if malformed
+    encoded = encode(task, tokenizer, items, max_seq, truncation)   # one batched tokenizer call, no padding
+    arrays  = pad(encoded[i:j], batch, seq, manifest.input_names)  # int64 [batch, seq] per input name
+    outputs = runner(*arrays)                               # tuple in manifest.output_names order
+    answer  = decode(task, manifest, [o[row] for o in outputs], encoded[row])
+
+Items: a `str` for text-classification and feature-extraction; a `QAItem(question, context)` for
+question-answering. The traced module takes positional int64 tensors [B, S] in `input_names` order and
+returns a tuple of float32 tensors in the task's `output_names` order.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MAX_ANSWER_TOKENS = 30
+
+
+class BadInput(ValueError):
+    """The request's inputs cannot be served as they are; the message is for the client (HTTP 400/422)."""
+
+
+class QAItem(NamedTuple):
+    question: str
+    context: str
+
+
+@dataclass
+class Encoded:
+    """One tokenized item, unpadded. `ids` holds one int64 array per token input the tokenizer produced."""
+
+    ids: dict[str, np.ndarray]
+    length: int
+    offsets: np.ndarray | None = None        # QA: [length, 2] character offsets into the text they came from
+    sequence_ids: np.ndarray | None = None   # QA: per token 0 (question), 1 (context), -1 (special)
+    context: str | None = None               # QA: the text the answer is cut from
+
+
+# ---------------------------------------------------------------- parsing request inputs
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise BadInput(f"{where}: expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise BadInput(f"{where}: empty text")
+    return value
+
+
+def _qa_item(value: Any, where: str) -> QAItem:
+    if isinstance(value, str):
+        # a KServe v2 BYTES element carrying the pair as a JSON object
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise BadInput(f'{where}: expected {{"question": ..., "context": ...}}, got a plain string') from None
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        value = {"question": value[0], "context": value[1]}
+    if not isinstance(value, dict):
+        raise BadInput(f'{where}: expected {{"question": ..., "context": ...}}, got {type(value).__name__}')
+    missing = [k for k in ("question", "context") if k not in value]
+    if missing:
+        raise BadInput(f"{where}: missing {' and '.join(repr(k) for k in missing)}")
+    extra = sorted(set(value) - {"question", "context"})
+    if extra:
+        raise BadInput(f"{where}: unknown key(s) {', '.join(repr(k) for k in extra)}")
+    return QAItem(_text(value["question"], f"{where}.question"), _text(value["context"], f"{where}.context"))
+
+
+def parse_inputs(task: str, payload_inputs: Any) -> list:
+    """Turn a request's `inputs` into a list of items. Raises BadInput with a message for the client.
+
+    Accepted forms (the Hugging Face inference API's):
+      text-classification, feature-extraction: "text" or ["text", ...]
+      question-answering: {"question": q, "context": c} or a list of those (or of [q, c] pairs).
+    KServe v2: pass the BYTES tensor's data (a list of str). For question-answering each element is a JSON
+    object string '{"question": ..., "context": ...}'; a server that receives two BYTES inputs named
+    "question" and "context" instead zips them: parse_inputs(task, [{"question": q, "context": c}, ...]).
+    """
+    spec = get(task)
+    if payload_inputs is None:
+        raise BadInput("inputs: missing")
+    if spec.pair:
+        make = _qa_item
+    else:
+        make = _text
+    many = isinstance(payload_inputs, list)
+    values = payload_inputs if many else [payload_inputs]
+    if not values:
+        raise BadInput("inputs: empty list")
+    return [make(v, f"inputs[{i}]" if many else "inputs") for i, v in enumerate(values)]
+
+
+# ---------------------------------------------------------------- tokenizing and padding
+
+def encode(task: str, tokenizer, items: Sequence, max_seq: int, truncation: bool) -> list[Encoded]:
+    """Tokenize `items` in one batched call, without padding; one Encoded per item.
+
+    An item longer than `max_seq` tokens is cut to it when `truncation` (for question-answering only the
+    context is cut), else BadInput names the limit.
+    """
+    spec = get(task)
+    if not items:
+        return []
+    kwargs: dict[str, Any] = dict(padding=False, return_attention_mask=True, return_token_type_ids=True)
+    if truncation:
+        kwargs.update(truncation="only_second" if spec.pair else True, max_length=max_seq)
+    if spec.pair:
+        kwargs.update(return_offsets_mapping=True)
+        try:
+            enc = tokenizer([it.question for it in items], [it.context for it in items], **kwargs)
+        except Exception as e:  # the fast tokenizer refuses when the question alone is over max_length
+            raise BadInput(f"inputs: question too long for the largest sequence bucket ({max_seq} tokens): {e}") \
+                from None
+    else:
+        enc = tokenizer(list(items), **kwargs)
+    names = [n for n in TOKEN_INPUTS if n in enc]
+    out = []
+    for i in range(len(items)):
+        length = len(enc["input_ids"][i])
+        if length > max_seq:
+            raise BadInput(f"inputs[{i}]: {length} tokens, longer than the largest sequence bucket ({max_seq}); "
+                           "shorten the text or enable truncation for this model")
+        item = Encoded({n: np.asarray(enc[n][i], dtype=np.int64) for n in names}, length)
+        if spec.pair:
+            item.offsets = np.asarray(enc["offset_mapping"][i], dtype=np.int64).reshape(length, 2)
+            item.sequence_ids = np.asarray([-1 if s is None else s for s in enc.sequence_ids(i)], dtype=np.int64)
+            item.context = items[i].context
+        out.append(item)
+    return out
+
+
+def pad(items: Sequence[Encoded], batch: int, seq: int, input_names: Sequence[str]) -> list[np.ndarray]:
+    """Pack items into zero-padded int64 arrays [batch, seq], one per input name (rows past the items are 0)."""
+    if len(items) > batch:
+        raise ValueError(f"{len(items)} items do not fit a batch of {batch}")
+    arrays = [np.zeros((batch, seq), dtype=np.int64) for _ in input_names]
+    for row, item in enumerate(items):
+        if item.length > seq:
+            raise ValueError(f"item of {item.length} tokens does not fit sequence length {seq}")
+        for arr, name in zip(arrays, input_names):
+            if name == "attention_mask" and name not in item.ids:
+                arr[row, :item.length] = 1
+            elif name in item.ids:
+                arr[row, :item.length] = item.ids[name]
+            # a name the tokenizer did not produce (token_type_ids for some models) stays 0
+    return arrays
+
+
+# ---------------------------------------------------------------- decoding outputs
+
+def decode(task: str, manifest, outputs_row: Sequence[np.ndarray], item: Encoded):
+    """One item's answer from its row of the outputs (a sequence in manifest.output_names order)."""
+    return get(task).decode(manifest, [np.asarray(o, dtype=np.float32) for o in outputs_row], item)
+
+
+def _decode_classification(manifest, outputs_row, item):
+    logits = outputs_row[0].astype(np.float64)
+    if manifest.multi_label:
+        scores = 1.0 / (1.0 + np.exp(-logits))
+    else:
+        e = np.exp(logits - logits.max())
+        scores = e / e.sum()
+    labels = manifest.labels
+    order = np.argsort(-scores, kind="stable")
+    return [{"label": labels.get(str(i), f"LABEL_{i}"), "score": float(scores[i])} for i in order]
+
+
+def _decode_embedding(manifest, outputs_row, item):
+    return outputs_row[0].tolist()
+
+
+def _decode_qa(manifest, outputs_row, item):
+    start_logits, end_logits = (o[:item.length].astype(np.float64) for o in outputs_row)
+    ctx = np.flatnonzero(item.sequence_ids == 1)
+    if ctx.size == 0:
+        return {"answer": "", "score": 0.0, "start": 0, "end": 0}
+    s, e = start_logits[ctx], end_logits[ctx]
+    # probabilities over the context tokens, like the HF pipeline's (which masks the question out)
+    ps = np.exp(s - s.max())
+    ps /= ps.sum()
+    pe = np.exp(e - e.max())
+    pe /= pe.sum()
+    # span (i, j) over context positions: j >= i, at most MAX_ANSWER_TOKENS tokens (context is contiguous)
+    scores = np.outer(ps, pe)
+    n = ctx.size
+    i, j = np.indices((n, n))
+    scores[(j < i) | (j - i >= MAX_ANSWER_TOKENS)] = -1.0
+    best = int(np.argmax(scores))
+    bi, bj = divmod(best, n)
+    start = int(item.offsets[ctx[bi], 0])
+    end = int(item.offsets[ctx[bj], 1])
+    return {"answer": item.context[start:end], "score": float(scores[bi, bj]), "start": start, "end": end}
+
+
+# ---------------------------------------------------------------- the modules compile traces
+
+class _TaskModule(torch.nn.Module):
+    """Positional int64 inputs in `input_names` order -> tuple of float32 outputs (traceable)."""
+
+    def __init__(self, model, input_names: Sequence[str]):
+        super().__init__()
+        self.model = model
+        self.input_names = list(input_names)
+
+    def run(self, inputs):
+        return self.model(**dict(zip(self.input_names, inputs)), return_dict=True)
+
+
+class QuestionAnswering(_TaskModule):
+    def forward(self, *inputs):
+        out = self.run(inputs)
+        return out.start_logits.float(), out.end_logits.float()
+
+
+class TextClassification(_TaskModule):
+    def forward(self, *inputs):
+        return (self.run(inputs).logits.float(),)
+
+
+class FeatureExtraction(_TaskModule):
+    """Sentence embedding: pooled (mean over the attention mask, or the CLS token), optionally L2-normalized."""
+
+    def __init__(self, model, input_names: Sequence[str], *, pooling: str = "mean", normalize: bool = False):
+        super().__init__(model, input_names)
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling {pooling!r}: mean or cls")
+        if pooling == "mean" and "attention_mask" not in self.input_names:
+            raise ValueError("mean pooling needs the attention_mask input")
+        self.pooling, self.normalize = pooling, normalize
+
+    def forward(self, *inputs):
+        hidden = self.run(inputs).last_hidden_state.float()
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = inputs[self.input_names.index("attention_mask")].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+        return (pooled,)
+
+
+def build_module(task: str, model, input_names: Sequence[str], **options):
+    """The wrapper compile traces around a loaded HF model (feature-extraction options: pooling, normalize)."""
+    return get(task).module(model, input_names, **options).eval()
+
+
+# ---------------------------------------------------------------- warm-up (known answer)
+
+def warmup_batches(task: str, tokenizer, manifest, texts: Sequence | None = None) -> list[tuple[list, list]]:
+    """The padded batches a warm-up runs: [(arrays, encoded_items), ...] for `texts` (default the manifest's).
+
+    Items go into the smallest sequence bucket, batched by the smallest batch size that holds them all, or in
+    chunks of the largest batch size. Compile (eager model, expected values) and the server (every copy) both
+    use this, so they run exactly the same inputs.
+    """
+    texts = manifest.warmup.texts if texts is None else texts
+    seq = min(manifest.sequence_lengths)
+    items = encode(task, tokenizer, parse_inputs(task, list(texts)), seq, truncation=True)
+    sizes = manifest.batch_sizes
+    batch = next((b for b in sizes if b >= len(items)), sizes[-1])
+    return [(pad(items[i:i + batch], batch, seq, manifest.input_names), items[i:i + batch])
+            for i in range(0, len(items), batch)]
+
+
+def warmup_outputs(batches_outputs: Sequence[tuple[Sequence, Sequence]], output_names: Sequence[str]) -> dict:
+    """Stack per-batch outputs [(outputs tuple, items)] into {output name: nested list}, real rows only."""
+    rows: dict[str, list] = {n: [] for n in output_names}
+    for outputs, items in batches_outputs:
+        for name, out in zip(output_names, outputs):
+            rows[name].extend(np.asarray(out, dtype=np.float32)[:len(items)].tolist())
+    return rows
+
+
+def warmup_mismatch(manifest, got: dict, items: Sequence[Encoded]) -> str | None:
+    """None when `got` (as warmup_outputs returns it) matches manifest.warmup.expected, else what differs.
+
+    Per-token outputs (question-answering logits) are compared only over each item's real tokens.
+    """
+    atol = manifest.warmup.atol
+    for name, expected in manifest.warmup.expected.items():
+        exp, act = np.asarray(expected, dtype=np.float32), np.asarray(got.get(name, []), dtype=np.float32)
+        if exp.shape != act.shape:
+            return f"{name}: shape {act.shape}, expected {exp.shape}"
+        for row, item in enumerate(items):
+            e, a = (exp[row], act[row])
+            if get(manifest.task).per_token:
+                e, a = e[:item.length], a[:item.length]
+            if not np.allclose(a, e, atol=atol, rtol=0):
+                worst = float(np.max(np.abs(a - e)))
+                return f"{name}[{row}]: differs from the expected warm-up output by {worst:.3g} (atol {atol})"
+    return None
+
+
+def warmup_atol(backend: str, dtype: str | None) -> float:
+    """fp32 CPU agrees to 1e-3; bf16 (Neuron auto-cast) and fp16 (CUDA half) are looser."""
+    return 1e-3 if backend == "cpu" and dtype in (None, "float32") else 5e-2
+
+
+# ---------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    output_names: tuple[str, ...]
+    auto_class: str                       # transformers Auto* class compile loads the model with
+    module: type = field(repr=False)      # (model, input_names, **options) -> nn.Module to trace
+    decode: Callable = field(repr=False)  # (manifest, outputs_row, item) -> JSON-able answer
+    warmup: tuple = ()                    # default warm-up inputs, as a request's `inputs` would carry them
+    pair: bool = False                    # inputs are (question, context) pairs
+    per_token: bool = False               # outputs are [B, S] (compare only real tokens)
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("question-answering", ("start_logits", "end_logits"), "AutoModelForQuestionAnswering",
+         QuestionAnswering, _decode_qa, pair=True, per_token=True,
+         warmup=({"question": "Where does Wolfgang live?", "context": "My name is Wolfgang and I live in Berlin."},
+                 {"question": "What colour is the sky?", "context": "On a clear day the sky is blue."})),
+    Task("text-classification", ("logits",), "AutoModelForSequenceClassification",
+         TextClassification, _decode_classification,
+         warmup=("I love this movie, it was wonderful.", "This was a terrible waste of time.")),
+    Task("feature-extraction", ("embeddings",), "AutoModel", FeatureExtraction, _decode_embedding,
+         warmup=("The cat sits on the mat.", "A fast tokenizer keeps the request path cheap.")),
+)}
+
+
+def get(task: str) -> Task:
+    try:
+        return TASKS[task]
+    except KeyError:
+        raise BadInput(f"unknown task {task!r}; one of {', '.join(TASKS)}") from None
+
+
+__all__ = ["TASKS", "Task", "BadInput", "QAItem", "Encoded", "parse_inputs", "encode", "pad", "decode",
+           "build_module", "warmup_batches", "warmup_outputs", "warmup_mismatch", "warmup_atol", "get"]

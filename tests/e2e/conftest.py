@@ -1,0 +1,149 @@
+"""The real stack on 127.0.0.1: models compiled for the CPU, gunicorn + uvicorn groups, nginx in front.
+
+Fixtures:
+- `model_repo`: a model repository with two tiny random-init models compiled for the CPU by
+  neuronserve.compile.compile_model: "emb" (feature-extraction) and "cls" (text-classification).
+- `stack`: session-wide, started and ready: model "emb" in two groups, one per CPU core (the machine has
+  two), one model copy each, behind nginx. Tests must leave it running and healthy.
+- `stack_factory(models=..., nginx=..., server=...)`: a variant (auth token, rate limit, two models, ...)
+  started and ready; stopped at the end of the test that asked for it.
+
+Every test in this directory is marked `e2e`. Ports are picked free at start; every process is stopped
+(SIGTERM, then SIGKILL) even when a test fails.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from neuronserve import config
+from neuronserve.devices import cpu
+from neuronserve.layout import Layout
+from neuronserve.plan import make_plan
+from neuronserve.up import Stack
+
+E2E_DIR = Path(__file__).parent
+READY_TIMEOUT_S = 240.0     # a noisy 2-core machine loading two groups at once
+GRACE_S = 10.0
+BUCKETS = dict(batch_sizes=[1, 4], sequence_lengths=[32])
+MODELS = {"emb": "feature-extraction", "cls": "text-classification"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if E2E_DIR in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory, tiny_model_dir) -> Path:
+    from neuronserve.compile import compile_model
+
+    repo = tmp_path_factory.mktemp("models")
+    for name, task in MODELS.items():
+        compile_model(tiny_model_dir(task), repo / name, name=name, task=task, backend="cpu", target="cpu",
+                      **BUCKETS)
+    return repo
+
+
+def two_cpus() -> set[int]:
+    """The group cores: two CPUs this process may use (the CI machine has exactly two)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return set(cpus[:2])
+
+
+def free_ports(count: int) -> int:
+    """A base port with `count` consecutive free ports after it (groups listen on base_port + i)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count > 65000:
+            continue
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def model_table(name: str, **keys) -> str:
+    body = {"task": MODELS[name], "source": f"/unused/{name}", "copies": 1, "max_batch_delay_ms": 2.0, **keys}
+    return f"[models.{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in body.items())
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def build_stack(workdir: Path, model_repo: Path, models: dict[str, dict], nginx: dict | None = None,
+                server: dict | None = None) -> Stack:
+    """Write a config for `models` ({name: extra keys}), plan it on two CPU cores, return an unstarted Stack."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    groups = sum(int(keys.get("groups", 1)) for keys in models.values())
+    base = free_ports(groups + 1)
+    server = {"backend": "cpu", "model_repository": str(model_repo), "base_port": base + 1, "log_level": "warning",
+              "timeout_s": 20.0, "graceful_timeout_s": 5.0, **(server or {})}
+    nginx = {"listen": f"127.0.0.1:{base}", **(nginx or {})}
+    text = ("[server]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in server.items())
+            + "[nginx]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in nginx.items())
+            + "".join(model_table(name, **keys) for name, keys in models.items()))
+    path = workdir / "neuronserve.toml"
+    path.write_text(text)
+    cfg = config.load(path)
+    plan = make_plan(cfg, cpu.discover(affinity=two_cpus()), python=sys.executable)
+    return Stack(plan, Layout(workdir / "root", cfg), grace_s=GRACE_S)
+
+
+def started(stack: Stack) -> Stack:
+    stack.start()
+    try:
+        stack.wait_ready(READY_TIMEOUT_S)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, model_repo):
+    s = started(build_stack(tmp_path_factory.mktemp("stack"), model_repo, {"emb": {"groups": 2}}))
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def stack_factory(tmp_path, model_repo):
+    made: list[Stack] = []
+
+    def make(models: dict[str, dict] | None = None, *, nginx: dict | None = None, server: dict | None = None,
+             start: bool = True) -> Stack:
+        s = build_stack(tmp_path / f"stack{len(made)}", model_repo, models or {"emb": {"groups": 2}}, nginx, server)
+        made.append(s)
+        return started(s) if start else s
+
+    try:
+        yield make
+    finally:
+        for s in made:
+            s.stop()

@@ -1,0 +1,105 @@
+"""Helpers for the server's tests: compiled tiny artifacts (cached per session) and a real gunicorn process."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from neuronserve.compile import compile_model
+from neuronserve.server.settings import ServerSettings
+
+APP = "neuronserve.server.app:create_app()"
+_compiled: dict[tuple, Path] = {}
+
+
+def compiled(root: Path, source: Path, task: str, *, batch_sizes=(1, 4), sequence_lengths=(32, 128),
+             name: str | None = None) -> Path:
+    """`neuronserve compile` of `source` for the CPU into root/<name>, once per session for the same arguments."""
+    name = name or task
+    key = (str(source), task, tuple(batch_sizes), tuple(sequence_lengths), name)
+    if key not in _compiled:
+        out = Path(root) / f"{name}-{len(_compiled)}" / name
+        compile_model(source, out, name=name, task=task, backend="cpu", target="cpu",
+                      batch_sizes=batch_sizes, sequence_lengths=sequence_lengths)
+        _compiled[key] = out
+    return _compiled[key]
+
+
+def settings_for(model_dir: Path, **overrides) -> ServerSettings:
+    name = Path(model_dir).name
+    values = dict(group=f"{name}-0", model=name, model_dir=model_dir, backend="cpu", copies=2, threads=1)
+    values.update(overrides)
+    return ServerSettings(**values)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gunicorn:
+    """One group's worker as production runs it: gunicorn, one UvicornWorker, no preload, settings in the env."""
+
+    def __init__(self, settings: ServerSettings, log_path: Path, *, port: int | None = None):
+        self.settings = settings
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NEURONSERVE_")}
+        env.update(settings.to_env(), PYTHONUNBUFFERED="1")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-k", "uvicorn_worker.UvicornWorker", "-w", "1",
+             "-b", f"127.0.0.1:{self.port}", "--timeout", "300", "--graceful-timeout", "5", APP],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_live(self, timeout: float = 120) -> None:
+        self._wait("/v2/health/live", timeout)
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        self._wait("/v2/health/ready", timeout)
+
+    def _wait(self, path: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + path, timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"{path} not 200 after {timeout} s:\n{self.log()}")
+
+    def wait_exit(self, timeout: float = 120) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"gunicorn still running after {timeout} s:\n{self.log()}") from None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+
+    def __enter__(self) -> "Gunicorn":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

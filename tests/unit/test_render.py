@@ -1,0 +1,331 @@
+"""Rendering: every unit passes `systemd-analyze verify` and rates 2.0 or better in `systemd-analyze security`,
+every front config passes `nginx -t`, overrides win, and only changed files are rewritten.
+
+systemd-analyze runs with --root=<the layout's scratch root>, into which the host's system units are copied
+(for sysinit.target & co.) and a stub interpreter is put at the plan's python path, so ExecStart resolves.
+"""
+from __future__ import annotations
+
+import re
+import runpy
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from neuronserve import config
+from neuronserve.devices import Core, Host, cpu
+from neuronserve.errors import ConfigError, RenderError
+from neuronserve.layout import Layout
+from neuronserve.plan import make_plan
+from neuronserve.render import (HEADER, Secret, auth_map_path, render_files, stale_units, systemd_arg, systemd_env,
+                                write_files)
+from neuronserve.up import prepare_front
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+NGINX = shutil.which("nginx") or (shutil.which("nginx", path="/usr/sbin:/usr/local/sbin"))
+needs_systemd = pytest.mark.skipif(not SYSTEMD_ANALYZE, reason="systemd-analyze is not installed")
+needs_nginx = pytest.mark.skipif(not NGINX, reason="nginx is not installed (make sysdeps)")
+MAX_EXPOSURE = 2.0
+
+TWO_MODELS = """
+[models.emb]
+task = "feature-extraction"
+source = "/srv/src/emb"
+copies = 1
+
+[models.qa]
+task = "question-answering"
+source = "/srv/src/qa"
+groups = 1
+"""
+
+
+def load_cfg(tmp_path: Path, text: str, server: str = "") -> config.Config:
+    p = tmp_path / "neuronserve.toml"
+    p.write_text(f'[server]\nmodel_repository = "/srv/models"\n{server}\n[nginx]\nlisten = "127.0.0.1:18080"\n'
+                 + text)
+    return config.load(p)
+
+
+def with_nginx(cfg: config.Config, **keys) -> config.Config:
+    for k, v in keys.items():
+        setattr(cfg.nginx, k, v)
+    return cfg
+
+
+HOSTS = {
+    "cpu": lambda: cpu.discover(affinity={0, 1, 2, 3}),
+    # inf2.8xlarge-like: one chip, 2 cores; plus a second chip to check device numbering
+    "neuron": lambda: Host(backend="neuron", kind="inf2", source="test",
+                           cores=[Core(index=i, device=i // 2, cpus=tuple(range(8 * (i // 2), 8 * (i // 2) + 8)))
+                                  for i in range(4)]),
+    "cuda": lambda: Host(backend="cuda", kind="cuda", source="test",
+                         cores=[Core(index=i, device=i, cpus=(2 * i, 2 * i + 1)) for i in range(3)]),
+}
+PYTHONS = {"cpu": "/usr/local/venv/bin/python3",
+           "neuron": "/opt/aws_neuronx_venv_pytorch_2_9/bin/python",
+           "cuda": "/opt/conda envs/torch %2/bin/python"}   # a space and a % to exercise ExecStart quoting
+
+
+def system_root(layout: Layout, python: str) -> None:
+    """Make the layout's root a place systemd-analyze --root can load units from."""
+    shutil.copytree("/usr/lib/systemd/system", layout.root / "usr/lib/systemd/system", symlinks=True,
+                    dirs_exist_ok=True)
+    exe = layout.under(python)
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+
+
+def verify(layout: Layout, units: list[Path]) -> subprocess.CompletedProcess:
+    return subprocess.run([SYSTEMD_ANALYZE, "verify", "--man=no", f"--root={layout.root}", *map(str, units)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def exposure(layout: Layout, unit: Path) -> float:
+    r = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=true", f"--root={layout.root}", str(unit)],
+                       capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    return float(m.group(1))
+
+
+@needs_systemd
+@pytest.mark.parametrize("backend", sorted(HOSTS))
+def test_units_verify_cleanly_and_are_hardened(tmp_path, backend):
+    cfg = load_cfg(tmp_path, TWO_MODELS)
+    plan = make_plan(cfg, HOSTS[backend](), python=PYTHONS[backend])
+    layout = Layout(tmp_path / "root", cfg)
+    write_files(render_files(plan, layout))
+    system_root(layout, plan.python)
+    units = sorted(layout.unit_dir.glob("neuronserve*"))
+    assert len(units) == len(plan.groups) + 1
+    r = verify(layout, units)
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    for unit in units:
+        if unit.suffix == ".service":
+            assert exposure(layout, unit) <= MAX_EXPOSURE, unit.name
+
+
+@needs_systemd
+def test_verify_catches_a_missing_interpreter(tmp_path):
+    """The check above is real: the same unit without the interpreter on disk fails verification."""
+    cfg = load_cfg(tmp_path, TWO_MODELS)
+    plan = make_plan(cfg, HOSTS["cuda"](), python=PYTHONS["cuda"])
+    layout = Layout(tmp_path / "root", cfg)
+    write_files(render_files(plan, layout))
+    system_root(layout, "/elsewhere/python")
+    r = verify(layout, [layout.unit_path(plan.groups[0].unit)])
+    assert r.returncode != 0 and "/opt/conda envs/torch %2/bin/python" in r.stderr
+
+
+def test_unit_content_per_backend(tmp_path):
+    cfg = load_cfg(tmp_path, TWO_MODELS, server='user = "svc"\ngraceful_timeout_s = 20')
+    units = {}
+    for backend, make_host in HOSTS.items():
+        plan = make_plan(cfg, make_host(), python=PYTHONS[backend])
+        layout = Layout(tmp_path / backend, cfg)
+        files = render_files(plan, layout)
+        units[backend] = {g.name: files[layout.unit_path(g.unit)] for g in plan.groups}
+        g = plan.groups[1]
+        text = units[backend][g.name]
+        assert text.startswith(f"# {HEADER}\n")
+        assert "User=svc\nGroup=svc\n" in text
+        assert "PartOf=neuronserve.target" in text and "WantedBy=neuronserve.target" in text
+        assert "Restart=on-failure" in text and "KillMode=mixed" in text and "TimeoutStopSec=30" in text
+        assert f"SyslogIdentifier=neuronserve-{g.name}" in text and "StandardOutput=journal" in text
+        assert f"CPUAffinity={g.settings.cpus}\n" in text
+        # every variable of the group's environment, and nothing else
+        envs = re.findall(r'^Environment="([^=]+)=(.*)"$', text, re.M)
+        assert dict(envs) == g.env
+        assert "MemoryDenyWriteExecute" not in text.replace("# no MemoryDenyWriteExecute", "")
+    assert "SupplementaryGroups=neuron" in units["neuron"]["emb-1"]
+    assert re.findall(r"^DeviceAllow=(.*)$", units["neuron"]["emb-1"], re.M) == ["/dev/neuron0 rw", "/dev/neuron1 rw"]
+    # a GPU group may open its own GPU and the control nodes, not the other GPUs (qa-0 has GPU 0, emb-1 GPU 2)
+    cuda_allow = re.findall(r"^DeviceAllow=(\S+)", units["cuda"]["emb-1"], re.M)
+    assert cuda_allow == ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia2"]
+    for backend in ("cpu", "cuda"):
+        assert "SupplementaryGroups" not in units[backend]["emb-0"]
+    assert "PrivateDevices=yes" in units["cpu"]["emb-0"] and "DevicePolicy" not in units["cpu"]["emb-0"]
+    assert "ExecStart=\"/opt/conda envs/torch %%2/bin/python\" -m gunicorn" in units["cuda"]["emb-0"]
+
+
+def test_models_under_home_are_readable(tmp_path):
+    cfg = load_cfg(tmp_path, TWO_MODELS)
+    cfg.server.model_repository = Path("/home/ml/models")
+    plan = make_plan(cfg, HOSTS["cpu"](), python="/usr/bin/python3")
+    layout = Layout(tmp_path / "root", cfg)
+    text = render_files(plan, layout)[layout.unit_path(plan.groups[0].unit)]
+    assert "ProtectHome=read-only" in text and "ReadOnlyPaths=-/home/ml/models" in text
+
+
+def test_systemd_quoting():
+    assert systemd_arg("/usr/bin/python3") == "/usr/bin/python3"
+    assert systemd_arg("neuronserve.server.app:create_app()") == "neuronserve.server.app:create_app()"
+    assert systemd_arg("a b") == '"a b"'
+    assert systemd_arg('say "hi"\\') == '"say \\"hi\\"\\\\"'
+    assert systemd_arg("100%") == "100%%" and systemd_arg("$HOME") == '"$$HOME"'
+    assert systemd_arg(";") == "\\;" and systemd_arg("") == '""'
+    assert systemd_env("A", 'x "y" 5%') == '"A=x \\"y\\" 5%%"'
+    with pytest.raises(RenderError):
+        systemd_env("A B", "1")
+
+
+def test_gunicorn_config(tmp_path):
+    from gunicorn.config import KNOWN_SETTINGS
+
+    cfg = load_cfg(tmp_path, TWO_MODELS, server="timeout_s = 20\ngraceful_timeout_s = 12\nlog_level = \"debug\"")
+    plan = make_plan(cfg, HOSTS["cpu"](), python="/usr/bin/python3")
+    layout = Layout(tmp_path / "root", cfg)
+    write_files(render_files(plan, layout))
+    g = plan.groups[2]
+    settings = {k: v for k, v in runpy.run_path(str(layout.gunicorn_conf(g.name))).items() if not k.startswith("__")}
+    # every name is a gunicorn setting: a typo would be silently ignored by gunicorn
+    assert set(settings) <= {s.name for s in KNOWN_SETTINGS}
+    assert settings["bind"] == [f"127.0.0.1:{g.port}"]
+    assert settings["workers"] == 1 and settings["preload_app"] is False
+    assert settings["worker_class"] == "uvicorn_worker.UvicornWorker"
+    assert settings["graceful_timeout"] == 12 and settings["timeout"] >= 20
+    assert settings["loglevel"] == "debug" and settings["proc_name"] == f"neuronserve-{g.name}"
+    assert settings["accesslog"] is None and settings["errorlog"] == "-" and settings["max_requests"] == 0
+
+
+def test_front_routes_each_model_to_its_groups(tmp_path):
+    cfg = load_cfg(tmp_path, TWO_MODELS)
+    plan = make_plan(cfg, HOSTS["cpu"](), python="/usr/bin/python3")
+    layout = Layout(tmp_path / "root", cfg)
+    text = render_files(plan, layout, down={"emb-1"})[layout.nginx_conf]
+    upstreams = dict(re.findall(r"^upstream (\S+) \{\n(.*?)^\}", text, re.M | re.S))
+    assert set(upstreams) == {"neuronserve_emb", "neuronserve_qa", "neuronserve__all"}
+    emb = upstreams["neuronserve_emb"]
+    assert "least_conn;" in emb and "keepalive 64;" in emb
+    assert "server 127.0.0.1:8100 max_fails=1 fail_timeout=2s;" in emb
+    assert "server 127.0.0.1:8101 down;" in emb and "8103" not in emb
+    assert "server 127.0.0.1:8103 max_fails" in upstreams["neuronserve_qa"]
+    assert "location ~ ^/(v2/)?models/emb(/|$) {" in text and "proxy_pass http://neuronserve_emb;" in text
+    assert "proxy_next_upstream error timeout http_503 non_idempotent;" in text
+    assert "listen 127.0.0.1:18080;" in text and "Bearer" not in text and "limit_req" not in text
+    with pytest.raises(RenderError, match="nope"):
+        render_files(plan, layout, down={"nope"})
+
+
+@needs_nginx
+@pytest.mark.parametrize("variant", ["plain", "auth+rate", "drained"])
+def test_front_passes_nginx_t(tmp_path, variant):
+    cfg = load_cfg(tmp_path, TWO_MODELS)
+    if variant == "auth+rate":
+        (tmp_path / "token").write_text("s3cr3t-T0ken_ok\n")
+        with_nginx(cfg, auth_token_file=tmp_path / "token", rate_limit="50r/m")
+    for backend, make_host in HOSTS.items():
+        plan = make_plan(cfg, make_host(), python="/usr/bin/python3")
+        # drained: every group of a model down at once is still a valid config
+        down = {g.name for g in plan.groups if g.model == "emb"} if variant == "drained" else set()
+        layout = Layout(tmp_path / backend, cfg)
+        write_files(render_files(plan, layout, down=down))
+        prepare_front(layout)       # raises ServiceError with nginx's message unless `nginx -t` passes
+
+
+@needs_nginx
+def test_nginx_t_failure_is_reported(tmp_path):
+    from neuronserve.errors import ServiceError
+
+    cfg = load_cfg(tmp_path, TWO_MODELS)
+    plan = make_plan(cfg, HOSTS["cpu"](), python="/usr/bin/python3")
+    layout = Layout(tmp_path / "root", cfg)
+    (layout.template_override_dir).mkdir(parents=True)
+    (layout.template_override_dir / "nginx.conf.j2").write_text("server { bogus_directive on; }\n")
+    write_files(render_files(plan, layout))
+    with pytest.raises(ServiceError, match="bogus_directive"):
+        prepare_front(layout)
+
+
+def test_auth_token_is_a_secret(tmp_path):
+    cfg = load_cfg(tmp_path, TWO_MODELS)
+    (tmp_path / "token").write_text("abcDEF123456\n")
+    with_nginx(cfg, auth_token_file=tmp_path / "token", rate_limit="100r/s")
+    plan = make_plan(cfg, HOSTS["cpu"](), python="/usr/bin/python3")
+    layout = Layout(tmp_path / "root", cfg)
+    files = render_files(plan, layout)
+    front = files[layout.nginx_conf]
+    assert "abcDEF123456" not in front and str(auth_map_path(layout)) in front
+    assert "limit_req_zone $binary_remote_addr zone=neuronserve_clients:10m rate=100r/s;" in front
+    assert "burst=100 nodelay" in front and "limit_req_status 429;" in front
+    assert isinstance(files[auth_map_path(layout)], Secret)
+    changes = write_files(files)
+    assert all("abcDEF123456" not in c.diff for c in changes)
+    assert stat.S_IMODE(auth_map_path(layout).stat().st_mode) == 0o600
+    assert stat.S_IMODE(layout.nginx_conf.stat().st_mode) == 0o644
+    assert '"Bearer abcDEF123456" 1;' in auth_map_path(layout).read_text()
+
+
+@pytest.mark.parametrize("content, message", [("two words\n", "one bearer token"), ('quo"te', "one bearer token"),
+                                              (None, "cannot read")])
+def test_bad_token_file(tmp_path, content, message):
+    cfg = load_cfg(tmp_path, TWO_MODELS)
+    if content is not None:
+        (tmp_path / "token").write_text(content)
+    with_nginx(cfg, auth_token_file=tmp_path / "token")
+    plan = make_plan(cfg, HOSTS["cpu"](), python="/usr/bin/python3")
+    with pytest.raises(ConfigError, match=message):
+        render_files(plan, Layout(tmp_path / "root", cfg))
+
+
+def test_override_template_wins(tmp_path):
+    cfg = load_cfg(tmp_path, TWO_MODELS)
+    plan = make_plan(cfg, HOSTS["cpu"](), python="/usr/bin/python3")
+    layout = Layout(tmp_path / "root", cfg)
+    layout.template_override_dir.mkdir(parents=True)
+    (layout.template_override_dir / "neuronserve.target.j2").write_text(
+        "# site copy\n[Unit]\nDescription=ours\n{% for g in groups %}Wants={{ g.unit }}\n{% endfor %}")
+    files = render_files(plan, layout)
+    assert files[layout.unit_path("neuronserve.target")].startswith("# site copy\n[Unit]\nDescription=ours\n")
+    assert files[layout.unit_path("neuronserve.target")].count("Wants=") == len(plan.groups)
+    # the other templates still come from the package
+    assert files[layout.unit_path(plan.groups[0].unit)].startswith(f"# {HEADER}")
+    # an override naming a variable that does not exist fails loudly, naming the template
+    (layout.template_override_dir / "neuronserve.target.j2").write_text("{{ no_such_thing }}")
+    with pytest.raises(RenderError, match="neuronserve.target.j2"):
+        render_files(plan, layout)
+
+
+def test_write_files_rewrites_only_changes(tmp_path):
+    cfg = load_cfg(tmp_path, TWO_MODELS)
+    layout = Layout(tmp_path / "root", cfg)
+    plan = make_plan(cfg, HOSTS["cpu"](), python="/usr/bin/python3")
+    files = render_files(plan, layout)
+
+    preview = write_files(files, dry_run=True)
+    assert {c.path for c in preview} == set(files) and all(c.action == "create" for c in preview)
+    assert not any(p.exists() for p in files)
+
+    first = write_files(files)
+    assert {c.path for c in first} == set(files)
+    assert all(p.read_text() == text for p, text in files.items())
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
+    assert write_files(render_files(plan, layout)) == []
+    assert {p: p.stat().st_mtime_ns for p in files} == mtimes
+
+    cfg.models["qa"].copies = 3
+    changes = write_files(render_files(make_plan(cfg, HOSTS["cpu"](), python="/usr/bin/python3"), layout))
+    qa_unit = layout.unit_path("neuronserve-qa-0.service")
+    assert [c.path for c in changes] == [qa_unit] and changes[0].action == "update"
+    assert '-Environment="NEURONSERVE_COPIES=2"' in changes[0].diff
+    assert '+Environment="NEURONSERVE_COPIES=3"' in changes[0].diff
+    assert 'NEURONSERVE_COPIES=3' in qa_unit.read_text()
+    assert not list(qa_unit.parent.glob(".*"))      # no temp file left behind
+
+
+def test_stale_units(tmp_path):
+    cfg = load_cfg(tmp_path, TWO_MODELS)
+    layout = Layout(tmp_path / "root", cfg)
+    plan = make_plan(cfg, HOSTS["cpu"](), python="/usr/bin/python3")
+    write_files(render_files(plan, layout))
+    assert stale_units(layout, plan) == []
+    old = layout.unit_path("neuronserve-gone-0.service")
+    old.write_text("[Service]\n")
+    del cfg.models["qa"]
+    smaller = make_plan(cfg, HOSTS["cpu"](), python="/usr/bin/python3")
+    assert stale_units(layout, smaller) == sorted([old, layout.unit_path("neuronserve-qa-0.service")])

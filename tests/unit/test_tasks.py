@@ -1,0 +1,306 @@
+"""tasks.py: request parsing, tokenizing, padding, decoding, the traced wrappers and the warm-up helpers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from neuronserve import tasks
+from neuronserve.artifact import Bucket, Manifest, Warmup
+
+NAMES = ["input_ids", "attention_mask", "token_type_ids"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_dir):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(minilm_dir, local_files_only=True)
+
+
+def manifest(task, **kw) -> Manifest:
+    base = dict(name="m", task=task, backend="cpu", target="cpu", source="/x", created="now", versions={},
+                input_names=NAMES, output_names=list(tasks.TASKS[task].output_names),
+                buckets=[Bucket(batch=b, seq=s, file=f"b{b}_s{s}.pt", sha256="0") for b in (1, 4) for s in (32, 64)])
+    return Manifest(**{**base, **kw})
+
+
+# ---------------------------------------------------------------- parse_inputs
+
+@pytest.mark.parametrize("task", ["text-classification", "feature-extraction"])
+def test_parse_text_forms(task):
+    assert tasks.parse_inputs(task, "hello") == ["hello"]
+    assert tasks.parse_inputs(task, ["a", "b"]) == ["a", "b"]
+
+
+def test_parse_qa_forms():
+    pair = {"question": "Who?", "context": "Me."}
+    expected = [tasks.QAItem("Who?", "Me.")]
+    assert tasks.parse_inputs("question-answering", pair) == expected
+    assert tasks.parse_inputs("question-answering", [pair, pair]) == expected * 2
+    assert tasks.parse_inputs("question-answering", [["Who?", "Me."]]) == expected
+    # a KServe v2 BYTES tensor: one JSON object string per element
+    assert tasks.parse_inputs("question-answering", [json.dumps(pair)]) == expected
+
+
+@pytest.mark.parametrize("task, inputs, message", [
+    ("text-classification", "", "inputs: empty text"),
+    ("text-classification", "   ", "inputs: empty text"),
+    ("text-classification", [], "inputs: empty list"),
+    ("text-classification", None, "inputs: missing"),
+    ("text-classification", ["ok", 3], "inputs[1]: expected a string, got int"),
+    ("feature-extraction", {"text": "x"}, "inputs: expected a string, got dict"),
+    ("question-answering", {"question": "q"}, "inputs: missing 'context'"),
+    ("question-answering", {}, "inputs: missing 'question' and 'context'"),
+    ("question-answering", {"question": "q", "context": "c", "top_k": 2}, "unknown key(s) 'top_k'"),
+    ("question-answering", "plain text", "got a plain string"),
+    ("question-answering", [{"question": "q", "context": ""}], "inputs[0].context: empty text"),
+    ("question-answering", 5, "got int"),
+])
+def test_parse_rejects_with_readable_message(task, inputs, message):
+    with pytest.raises(tasks.BadInput) as e:
+        tasks.parse_inputs(task, inputs)
+    assert message in str(e.value)
+
+
+def test_unknown_task():
+    with pytest.raises(tasks.BadInput, match="unknown task 'translation'"):
+        tasks.parse_inputs("translation", "x")
+
+
+# ---------------------------------------------------------------- encode and pad
+
+def test_encode_is_unpadded_and_matches_the_tokenizer(tokenizer):
+    texts = ["short", "a somewhat longer sentence with more words"]
+    enc = tasks.encode("text-classification", tokenizer, texts, 64, truncation=False)
+    for text, item in zip(texts, enc):
+        ref = tokenizer(text)["input_ids"]
+        assert item.ids["input_ids"].tolist() == ref
+        assert item.length == len(ref)
+        assert item.ids["input_ids"].dtype == np.int64
+        assert set(item.ids) == set(NAMES)
+    assert enc[0].length < enc[1].length
+
+
+def test_encode_truncates_or_names_the_limit(tokenizer):
+    long = "word " * 100
+    [item] = tasks.encode("text-classification", tokenizer, [long], 16, truncation=True)
+    assert item.length == 16
+    assert item.ids["input_ids"][-1] == tokenizer.sep_token_id
+    with pytest.raises(tasks.BadInput, match=r"inputs\[0\]: 102 tokens, longer than the largest sequence bucket \(16\)"):
+        tasks.encode("text-classification", tokenizer, [long], 16, truncation=False)
+
+
+def test_encode_qa_truncates_only_the_context(tokenizer):
+    item = tasks.QAItem("Where is it?", "It is here. " * 40)
+    [enc] = tasks.encode("question-answering", tokenizer, [item], 32, truncation=True)
+    assert enc.length == 32
+    question_tokens = (enc.sequence_ids == 0).sum()
+    assert question_tokens == len(tokenizer.tokenize("Where is it?"))
+    assert enc.offsets.shape == (32, 2) and enc.context == item.context
+    # token_type_ids mark the context as the second segment
+    assert (enc.ids["token_type_ids"][enc.sequence_ids == 1] == 1).all()
+    with pytest.raises(tasks.BadInput, match="32"):
+        tasks.encode("question-answering", tokenizer, [item], 32, truncation=False)
+    with pytest.raises(tasks.BadInput, match="question too long"):
+        tasks.encode("question-answering", tokenizer, [tasks.QAItem("why " * 60, "ok")], 32, truncation=True)
+
+
+def test_pad_packs_rows_and_zero_fills(tokenizer):
+    enc = tasks.encode("text-classification", tokenizer, ["one", "two words here"], 16, truncation=True)
+    ids, mask, types = tasks.pad(enc, 4, 16, NAMES)
+    assert ids.shape == mask.shape == types.shape == (4, 16) and ids.dtype == np.int64
+    for row, item in enumerate(enc):
+        assert ids[row, :item.length].tolist() == item.ids["input_ids"].tolist()
+        assert mask[row].tolist() == [1] * item.length + [0] * (16 - item.length)
+    assert not ids[2:].any() and not mask[2:].any()
+    # input order follows the names given (the manifest's)
+    m2, i2 = tasks.pad(enc, 2, 16, ["attention_mask", "input_ids"])
+    assert (m2 == mask[:2]).all() and (i2 == ids[:2]).all()
+    with pytest.raises(ValueError):
+        tasks.pad(enc, 1, 16, NAMES)
+    with pytest.raises(ValueError):
+        tasks.pad(enc, 2, 3, NAMES)
+
+
+# ---------------------------------------------------------------- decode
+
+def _qa_item(tokenizer, question="Where do I live?", context="My name is Wolfgang and I live in Berlin."):
+    [enc] = tasks.encode("question-answering", tokenizer, [tasks.QAItem(question, context)], 64, truncation=True)
+    return enc
+
+
+def _token_of(enc, word):
+    """Index of the context token whose text is `word`."""
+    for t in np.flatnonzero(enc.sequence_ids == 1):
+        s, e = enc.offsets[t]
+        if enc.context[s:e] == word:
+            return int(t)
+    raise AssertionError(word)
+
+
+def test_decode_qa_answers_from_offsets(tokenizer):
+    enc = _qa_item(tokenizer)
+    start, end = np.zeros(64), np.zeros(64)
+    start[_token_of(enc, "Wolfgang")] = 8
+    end[_token_of(enc, "Wolfgang")] = 8
+    # a higher logit on a question token and on padding must be ignored: answers come from the context
+    start[_token_of(enc, "Wolfgang") - 6] = start[60] = end[60] = 50
+    ans = tasks.decode("question-answering", manifest("question-answering"), [start, end], enc)
+    assert ans["answer"] == "Wolfgang" == enc.context[ans["start"]:ans["end"]]
+    assert 0.5 < ans["score"] <= 1.0
+
+
+def test_decode_qa_end_not_before_start_and_at_most_30_tokens(tokenizer):
+    context = " ".join(f"w{i}" for i in range(60))
+    enc = _qa_item(tokenizer, "Which?", context)
+    start, end = np.zeros(64), np.zeros(64)
+    ctx = np.flatnonzero(enc.sequence_ids == 1)
+    start[ctx[20]] = 10
+    start[:ctx[20]] = -30    # no plausible start before token 20 ...
+    end[ctx[5]] = 20         # ... so this end, before the best start, pairs with nothing valid
+    end[ctx[21]] = 5
+    ans = tasks.decode("question-answering", manifest("question-answering"), [start, end], enc)
+    assert ans["start"] == enc.offsets[ctx[20], 0] and ans["end"] == enc.offsets[ctx[21], 1]
+    start[:], end[:] = 0, 0
+    start[ctx[0]], end[ctx[45]] = 10, 10    # 46 tokens: too long
+    ans = tasks.decode("question-answering", manifest("question-answering"), [start, end], enc)
+    span_tokens = [t for t in ctx if enc.offsets[t, 0] >= ans["start"] and enc.offsets[t, 1] <= ans["end"]]
+    assert 1 <= len(span_tokens) <= tasks.MAX_ANSWER_TOKENS
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), words=st.lists(st.sampled_from(["alpha", "beta", "gamma", "x", "42", "über",
+                                                                          "co-op", "it's"]), min_size=1, max_size=40))
+def test_decode_qa_always_returns_a_span_of_the_context(tokenizer, seed, words):
+    enc = _qa_item(tokenizer, "What?", " ".join(words))
+    rng = np.random.default_rng(seed)
+    start, end = rng.normal(size=64) * 5, rng.normal(size=64) * 5
+    ans = tasks.decode("question-answering", manifest("question-answering"), [start, end], enc)
+    assert 0 <= ans["start"] <= ans["end"] <= len(enc.context)
+    assert ans["answer"] == enc.context[ans["start"]:ans["end"]] and ans["answer"]
+    assert 0.0 <= ans["score"] <= 1.0
+
+
+def test_decode_classification_softmax_sorted():
+    m = manifest("text-classification", labels={"0": "NEGATIVE", "1": "POSITIVE", "2": "NEUTRAL"})
+    out = tasks.decode("text-classification", m, [np.array([0.5, 2.0, -1.0], dtype=np.float32)], None)
+    assert [r["label"] for r in out] == ["POSITIVE", "NEGATIVE", "NEUTRAL"]
+    e = np.exp([0.5, 2.0, -1.0])
+    assert out[0]["score"] == pytest.approx(e[1] / e.sum())
+    assert sum(r["score"] for r in out) == pytest.approx(1.0)
+
+
+def test_decode_classification_multi_label_sigmoid():
+    m = manifest("text-classification", labels={"0": "a", "1": "b"}, multi_label=True)
+    out = tasks.decode("text-classification", m, [np.array([3.0, 1.0])], None)
+    assert out[0] == {"label": "a", "score": pytest.approx(1 / (1 + np.exp(-3.0)))}
+    assert out[1]["score"] == pytest.approx(1 / (1 + np.exp(-1.0)))
+
+
+def test_decode_embedding_is_a_list_of_floats():
+    out = tasks.decode("feature-extraction", manifest("feature-extraction"), [np.arange(4, dtype=np.float32)], None)
+    assert out == [0.0, 1.0, 2.0, 3.0] and all(isinstance(x, float) for x in out)
+
+
+# ---------------------------------------------------------------- wrapper modules
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir):
+    import transformers
+
+    return transformers.AutoModel.from_pretrained(minilm_dir, local_files_only=True).eval()
+
+
+def test_embedding_mean_pooling_ignores_padding_and_normalizes(tokenizer, minilm):
+    texts = ["The cat sits on the mat.", "Embeddings do not depend on the padding."]
+    enc = tasks.encode("feature-extraction", tokenizer, texts, 64, truncation=True)
+    module = tasks.build_module("feature-extraction", minilm, NAMES, pooling="mean", normalize=True)
+    with torch.no_grad():
+        short = module(*map(torch.from_numpy, tasks.pad(enc, 2, 16, NAMES)))[0]
+        long = module(*map(torch.from_numpy, tasks.pad(enc, 4, 64, NAMES)))[0]
+        # reference: per-item mean of the unpadded hidden states, normalized
+        for row, item in enumerate(enc):
+            hidden = minilm(**{k: torch.from_numpy(v)[None] for k, v in item.ids.items()}).last_hidden_state[0]
+            ref = torch.nn.functional.normalize(hidden.mean(0), dim=0)
+            assert torch.allclose(short[row], ref, atol=1e-5)
+    assert torch.allclose(short, long[:2], atol=1e-5)
+    assert torch.allclose(short.norm(dim=1), torch.ones(2), atol=1e-6)
+    assert (long[2:] == 0).all()    # padding rows: no tokens, zero vector, no NaN
+
+
+def test_embedding_cls_pooling_without_normalize(tokenizer, minilm):
+    enc = tasks.encode("feature-extraction", tokenizer, ["hello there"], 16, truncation=True)
+    arrays = [torch.from_numpy(a) for a in tasks.pad(enc, 1, 16, NAMES)]
+    module = tasks.build_module("feature-extraction", minilm, NAMES, pooling="cls", normalize=False)
+    with torch.no_grad():
+        got = module(*arrays)[0]
+        ref = minilm(**dict(zip(NAMES, arrays))).last_hidden_state[:, 0]
+    assert torch.equal(got, ref)
+
+
+def test_embedding_module_rejects_bad_options(minilm):
+    with pytest.raises(ValueError, match="pooling 'max'"):
+        tasks.build_module("feature-extraction", minilm, NAMES, pooling="max")
+    with pytest.raises(ValueError, match="attention_mask"):
+        tasks.build_module("feature-extraction", minilm, ["input_ids"], pooling="mean")
+
+
+@pytest.mark.parametrize("task", ["question-answering", "text-classification"])
+def test_task_modules_return_the_declared_outputs(task, tiny_model_dir, tokenizer):
+    import transformers
+
+    model = getattr(transformers, tasks.TASKS[task].auto_class).from_pretrained(tiny_model_dir(task)).eval()
+    module = tasks.build_module(task, model, NAMES)
+    items = tasks.parse_inputs(task, list(tasks.TASKS[task].warmup))
+    arrays = [torch.from_numpy(a) for a in tasks.pad(tasks.encode(task, tokenizer, items, 32, True), 4, 32, NAMES)]
+    with torch.no_grad():
+        out = module(*arrays)
+        ref = model(**dict(zip(NAMES, arrays)))
+    assert isinstance(out, tuple) and len(out) == len(tasks.TASKS[task].output_names)
+    for name, tensor in zip(tasks.TASKS[task].output_names, out):
+        assert tensor.dtype == torch.float32
+        assert torch.equal(tensor, getattr(ref, name if name != "logits" else "logits"))
+
+
+# ---------------------------------------------------------------- warm-up helpers
+
+def test_warmup_batches_use_smallest_bucket_or_chunks(tokenizer):
+    m = manifest("text-classification")
+    batches = tasks.warmup_batches("text-classification", tokenizer, m, ["a", "b"])
+    assert len(batches) == 1 and batches[0][0][0].shape == (4, 32) and len(batches[0][1]) == 2
+    batches = tasks.warmup_batches("text-classification", tokenizer, m, ["a"] * 9)
+    assert [b[0][0].shape for b in batches] == [(4, 32)] * 3 and [len(b[1]) for b in batches] == [4, 4, 1]
+    one = tasks.warmup_batches("text-classification", tokenizer, m, ["a"])
+    assert one[0][0][0].shape == (1, 32)
+
+
+def test_warmup_mismatch_compares_real_rows_and_tokens(tokenizer):
+    task = "question-answering"
+    texts = list(tasks.TASKS[task].warmup)
+    m = manifest(task)
+    batches = tasks.warmup_batches(task, tokenizer, m, texts)
+    rng = np.random.default_rng(0)
+    outputs = [((rng.normal(size=(4, 32)).astype(np.float32), rng.normal(size=(4, 32)).astype(np.float32)), items)
+               for _, items in batches]
+    expected = tasks.warmup_outputs(outputs, m.output_names)
+    assert np.asarray(expected["start_logits"]).shape == (len(texts), 32)
+    m.warmup = Warmup(texts=texts, expected=expected, atol=1e-3)
+    items = [it for _, its in batches for it in its]
+    assert tasks.warmup_mismatch(m, expected, items) is None
+    # garbage past an item's length (padding positions) does not matter
+    noisy = {k: np.asarray(v).copy() for k, v in expected.items()}
+    noisy["start_logits"][0, items[0].length:] += 100
+    assert tasks.warmup_mismatch(m, noisy, items) is None
+    # a real token off by more than atol does
+    noisy["end_logits"][1, 0] += 0.01
+    assert "end_logits[1]" in tasks.warmup_mismatch(m, noisy, items)
+    assert "shape" in tasks.warmup_mismatch(m, {**expected, "start_logits": [[0.0]]}, items)
+
+
+def test_warmup_atol():
+    assert tasks.warmup_atol("cpu", "float32") == 1e-3
+    assert tasks.warmup_atol("neuron", "bfloat16") == tasks.warmup_atol("cuda", "float16") == 5e-2
