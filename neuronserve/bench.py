@@ -268,6 +268,9 @@ def plot(rows: list[Row], path: Path, title: str) -> bool:
         top.plot(xs, [r.throughput_rps for r in rs], marker="o", label=key)
         bottom.plot(xs, [r.p99_ms if r.p99_ms is not None else float("nan") for r in rs], marker="o", label=key)
     mode = rows[0].mode if rows else "closed"
+    levels = [r.level for r in rows]
+    if levels and min(levels) > 0 and max(levels) / min(levels) >= 8:
+        bottom.set_xscale("log", base=2)        # 1, 4, 16, 64: evenly spaced
     top.set_ylabel("throughput (req/s)")
     bottom.set_ylabel("p99 latency (ms)")
     bottom.set_xlabel("concurrency (requests in flight)" if mode == "closed" else "offered rate (req/s)")
@@ -342,7 +345,9 @@ def sweep(cfg, host, model: str | None, shapes: list[tuple[int, int]], loads: li
         metrics = metrics_urls(plan, model)
         if echo:
             echo(f"# {groups} group(s) x {copies} copies: starting ({via})")
-        shape = _Shape(plan, via, workdir / f"{groups}x{copies}", ready_timeout_s, metrics, config_path, model)
+        # absolute: nginx resolves the rendered paths against its own prefix
+        shape = _Shape(plan, via, (workdir / f"{groups}x{copies}").resolve(), ready_timeout_s, metrics, config_path,
+                       model)
         with shape as front:
             bases = [u.removesuffix("/metrics") for u in metrics.values()] if direct else [front]
             rows += run_levels(targets_for(bases, path, body), loads, opts, metrics, echo,

@@ -6,11 +6,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 
+from neuronserve import backends
 from neuronserve.compile import compile_model
 from neuronserve.server.settings import ServerSettings
 
@@ -29,6 +31,41 @@ def compiled(root: Path, source: Path, task: str, *, batch_sizes=(1, 4), sequenc
                       batch_sizes=batch_sizes, sequence_lengths=sequence_lengths)
         _compiled[key] = out
     return _compiled[key]
+
+
+class GatedLoader:
+    """The real CPU loader, with two holds for tests: runners of the loads numbered in `gated` block once
+    `armed` (after the warm-up) until `release()`; with `hold_loading` every load waits for `loading.set()`."""
+
+    def __init__(self, gated=(), *, hold_loading: bool = False):
+        self.gated = set(gated)
+        self.loads = 0
+        self.loading = threading.Event()
+        if not hold_loading:
+            self.loading.set()
+        self.armed = threading.Event()
+        self.entered = threading.Event()
+        self.released = threading.Event()
+        self.batches: list[tuple] = []
+
+    def __call__(self, path, *, copy_index, threads):
+        self.loading.wait(60)
+        run = backends.get("cpu").load(path, copy_index=copy_index, threads=threads)
+        gated = self.loads in self.gated
+        self.loads += 1
+
+        def runner(*inputs):
+            if self.armed.is_set():
+                self.batches.append(tuple(inputs[0].shape))
+                if gated:
+                    self.entered.set()
+                    self.released.wait(60)
+            return run(*inputs)
+
+        return runner
+
+    def release(self):
+        self.released.set()
 
 
 def settings_for(model_dir: Path, **overrides) -> ServerSettings:
@@ -57,7 +94,7 @@ class Gunicorn:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-k", "uvicorn_worker.UvicornWorker", "-w", "1",
-             "-b", f"127.0.0.1:{self.port}", "--timeout", "300", "--graceful-timeout", "5", APP],
+             "-b", f"127.0.0.1:{self.port}", "--timeout", "300", "--graceful-timeout", "5", "--no-control-socket", APP],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def log(self) -> str:

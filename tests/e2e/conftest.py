@@ -5,8 +5,9 @@ Fixtures:
   neuronserve.compile.compile_model: "emb" (feature-extraction) and "cls" (text-classification).
 - `stack`: session-wide, started and ready: model "emb" in two groups, one per CPU core (the machine has
   two), one model copy each, behind nginx. Tests must leave it running and healthy.
-- `stack_factory(models=..., nginx=..., server=...)`: a variant (auth token, rate limit, two models, ...)
-  started and ready; stopped at the end of the test that asked for it.
+- `stack_factory(models, nginx=..., server=..., start=True)`: a variant (auth token, rate limit, two models,
+  ...) started and ready; stopped at the end of the test that asked for it. `stack_builder` is the same
+  without the clean-up, for module-scoped stacks that stop themselves.
 
 Every test in this directory is marked `e2e`. Ports are picked free at start; every process is stopped
 (SIGTERM, then SIGKILL) even when a test fails.
@@ -124,8 +125,21 @@ def started(stack: Stack) -> Stack:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory, model_repo):
-    s = started(build_stack(tmp_path_factory.mktemp("stack"), model_repo, {"emb": {"groups": 2}}))
+def stack_builder(tmp_path_factory, model_repo):
+    """build(models, nginx=, server=, start=True) -> Stack in a fresh directory; the caller stops it."""
+
+    def build(models: dict[str, dict] | None = None, *, nginx: dict | None = None, server: dict | None = None,
+              start: bool = True) -> Stack:
+        s = build_stack(tmp_path_factory.mktemp("stack"), model_repo, models or {"emb": {"groups": 2}}, nginx,
+                        server)
+        return started(s) if start else s
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def stack(stack_builder):
+    s = stack_builder({"emb": {"groups": 2}})
     try:
         yield s
     finally:
@@ -133,12 +147,13 @@ def stack(tmp_path_factory, model_repo):
 
 
 @pytest.fixture
-def stack_factory(tmp_path, model_repo):
+def stack_factory(stack_builder):
+    """Like stack_builder, but every stack it made is stopped when the test ends."""
     made: list[Stack] = []
 
-    def make(models: dict[str, dict] | None = None, *, nginx: dict | None = None, server: dict | None = None,
-             start: bool = True) -> Stack:
-        s = build_stack(tmp_path / f"stack{len(made)}", model_repo, models or {"emb": {"groups": 2}}, nginx, server)
+    def make(models: dict[str, dict] | None = None, **kwargs) -> Stack:
+        start = kwargs.pop("start", True)
+        s = stack_builder(models, start=False, **kwargs)
         made.append(s)
         return started(s) if start else s
 

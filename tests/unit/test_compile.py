@@ -260,10 +260,10 @@ def test_failed_recompile_keeps_the_previous_artifact(tiny_model_dir, tmp_path, 
         return real_trace(self, module, example, **kw)
 
     monkeypatch.setattr(cpu_backend.CpuBackend, "trace", trace_then_fail)
-    with pytest.raises(type(failure)) as e:
+    # a compiler error becomes a readable ArtifactError; Ctrl-C stays what it is
+    with pytest.raises(ArtifactError if isinstance(failure, Exception) else KeyboardInterrupt) as e:
         compile_tiny(tiny_model_dir, out, "text-classification", batch_sizes=[1, 2], sequence_lengths=[16])
-    if isinstance(failure, RuntimeError):
-        assert isinstance(e.value, ArtifactError)
+    if isinstance(failure, Exception):
         assert "tracing clf bucket batch 2 x seq 16 for cpu failed: RuntimeError: compiler crashed" in str(e.value)
     assert read_manifest(out, backend="cpu") == before
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files

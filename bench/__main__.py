@@ -1,0 +1,157 @@
+"""`make bench` (python -m bench): the in-process ceiling, neuronserve and the original design, side by side.
+
+For each model (bert-base, then tiny):
+  1. build and compile it (kept under bench-results/work between runs);
+  2. the in-process ceiling: every batch size, one pinned process per core group, all at once; the batch-1
+     latency of a lone caller on one group and on all CPUs;
+  3. neuronserve (one group per CPU behind nginx), then the baseline (one pinned hypercorn process per CPU):
+     start, check one answer from every backend, warm every bucket with a short unmeasured burst, then for
+     each concurrency: drain (a checked request to every backend must come back at batch-1 speed), run wrk
+     closed loop, record throughput, latency and the CPU the system's processes used.
+Writes bench-results/results.{md,json} and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench import ceiling, cpu, models, report, wrk
+from bench.systems import PAYLOAD, BaselineSystem, NeuronserveSystem
+
+# seconds per measured level, per model: enough completions for BERT-base's ~1.5 items/s per core
+DURATION = {"bert-base": 15.0, "tiny": 8.0}
+CEILING_SECONDS = {"bert-base": 8.0, "tiny": 4.0}
+LEVELS = [1, 4, 16, 64]
+# neuronserve's tuning for the run (the config a 1-CPU group wants: one copy, one thread, no added delay)
+TUNING = dict(copies=1, threads_per_copy=1, max_batch_delay_ms=0.0)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def drain(system, b1_latency_s: float, limit_s: float = 300.0) -> None:
+    """Wait until every backend answers a checked request about as fast as a lone batch-1 call: what the last
+    level left queued is done."""
+    fast = 1.5 * b1_latency_s + 0.25
+    deadline = time.monotonic() + limit_s
+    while system.probe() > fast:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{system.label} did not drain within {limit_s:g} s")
+
+
+def measure_system(system, name: str, result: dict, levels: list[int], duration: float) -> list[dict]:
+    ceil = result["ceiling"]
+    b1 = ceil["latency_group"]["median_s"]
+    rows = []
+    system.start()
+    try:
+        system.probe()
+        # every bucket once at least, so no level pays for TorchScript's first-call optimisation
+        warm = max(levels)
+        log(f"  {system.label}: warm-up burst at concurrency {warm}")
+        wrk.run(system.targets, warm, min(duration, max(4.0, 6 * best_call(ceil))))
+        for c in levels:
+            drain(system, b1)
+            before = system.batches()
+            cpu0 = cpu.cpu_seconds(system.pids)
+            res = wrk.run(system.targets, c, duration, timeout_s=120)
+            cpu1 = cpu.cpu_seconds(system.pids)
+            after = system.batches()
+            if before is None:
+                model_cpu = res.ok * report.per_call_at(ceil, 1)
+            else:
+                d = [a - b for a, b in zip(after, before)]
+                model_cpu = report.model_cpu_seconds(ceil, d[0], d[1], d[2])
+            row = {"concurrency": c, "throughput": res.throughput, "p50": res.p50, "p90": res.p90, "p99": res.p99,
+                   "max": res.max, "completed": res.completed, "errors": res.errors, "duration_s": res.duration_s,
+                   "cpu_s": cpu1 - cpu0, "model_cpu_s": model_cpu}
+            rows.append(row)
+            log(f"  {system.label} c={c}: {res.throughput:.1f} req/s, p50 {fmt_ms(res.p50)} p99 {fmt_ms(res.p99)} ms"
+                f"{', errors ' + str(res.errors) if res.errors else ''}; CPU {row['cpu_s']:.1f} s "
+                f"(model ~{model_cpu:.1f} s)")
+        drain(system, b1)
+    finally:
+        system.stop()
+    return rows
+
+
+def best_call(ceil: dict) -> float:
+    return max(r["per_call_s"] for r in ceil["throughput"])
+
+
+def fmt_ms(x) -> str:
+    return "-" if x is None else f"{x * 1000:.1f}"
+
+
+def measure_ceiling(name: str, model_dir: Path, cpus: list[int]) -> dict:
+    seconds = CEILING_SECONDS[name]
+    rows = []
+    for b in models.BATCH_SIZES[name]:
+        t = ceiling.throughput(model_dir, PAYLOAD, b, [[c] for c in cpus], seconds)
+        rows.append(vars(t))
+        log(f"  ceiling batch {b}: {t.items_per_s:.1f} items/s ({t.per_call_s * 1000:.1f} ms per call)")
+    lat_group = ceiling.latency(model_dir, PAYLOAD, [cpus[0]], 1, seconds)
+    lat_all = ceiling.latency(model_dir, PAYLOAD, cpus, len(cpus), seconds)
+    log(f"  in-process batch 1: {lat_group.median_s * 1000:.1f} ms on one CPU, "
+        f"{lat_all.median_s * 1000:.1f} ms on {len(cpus)} CPUs")
+    return {"throughput": rows, "latency_group": vars(lat_group), "latency_all": vars(lat_all)}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("bench-results"), help="results directory")
+    ap.add_argument("--models", default="bert-base,tiny", help="comma-separated: bert-base, tiny")
+    ap.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrency levels")
+    ap.add_argument("--duration", type=float, default=None, help="seconds per level (default per model)")
+    ap.add_argument("--systems", default="neuronserve,baseline", help="which served systems to measure")
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cpus = sorted(os.sched_getaffinity(0))
+    levels = [int(x) for x in args.levels.split(",")]
+    work = args.out.resolve() / "work"
+    results: dict[str, dict] = {}
+    started = time.monotonic()
+    for name in args.models.split(","):
+        log(f"{name}: preparing")
+        model_dir = models.prepare(name, work, log=lambda m: log(m))
+        result: dict = {"name": name, "cpus": len(cpus), "ceiling": measure_ceiling(name, model_dir, cpus)}
+        duration = args.duration or DURATION[name]
+        for system_name in args.systems.split(","):
+            if system_name == "neuronserve":
+                system = NeuronserveSystem(name, work, cpus, batch_sizes=models.BATCH_SIZES[name], **TUNING)
+            else:
+                system = BaselineSystem(name, model_dir, work, cpus)
+            log(f"{name}: {system.label}")
+            result[system_name] = measure_system(system, name, result, levels, duration)
+        results[name] = result
+    meta = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": len(cpus),
+            "cpu_model": cpu_model(), "levels": levels, "tuning": TUNING,
+            "note": f"wrk closed loop, {', '.join(f'{k} {v:g} s' for k, v in DURATION.items())} per level; "
+                    f"run took {(time.monotonic() - started) / 60:.1f} min"}
+    md, js = report.write(args.out, results, meta)
+    print()
+    print(md.read_text())
+    log(f"wrote {md} and {js}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

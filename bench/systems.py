@@ -1,0 +1,224 @@
+"""The two served systems under test, behind one small interface the orchestration drives.
+
+    system.start(); system.targets (wrk targets); system.probe() (one real request to every backend, checked);
+    system.pids (process trees whose CPU counts); system.batches() (batches, items/bucket sum, items so far);
+    system.stop()
+
+- Neuronserve: the real stack (`neuronserve up`'s Stack: one gunicorn group per CPU behind nginx) from a config
+  written for the run; the client talks to nginx.
+- Baseline: the original design (baseline_server.py), one pinned hypercorn process per CPU; the client spreads
+  its connections over the ports.
+"""
+from __future__ import annotations
+
+import json
+import random
+import socket
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench import wrk
+from bench.baseline_server import COPIES, Baseline, request_path
+
+# the original sample's default request (its GET without parameters answers this): 114 tokens, one 128 bucket
+QUESTION = "What does the little engine say"
+CONTEXT = ("In the childrens story about the little engine a small locomotive is pulling a large load up a "
+           "mountain. Since the load is heavy and the engine is small it is not sure whether it will be able to do "
+           "the job. This is a story about how an optimistic attitude empowers everyone to achieve more. In the "
+           "story the little engine says: 'I think I can' as it is pulling the heavy load all the way to the top "
+           "of the mountain. On the way down it says: I thought I could.")
+PAYLOAD = {"question": QUESTION, "context": CONTEXT}
+
+
+def free_port_block(n: int) -> int:
+    """A base port with `n` consecutive free ports on 127.0.0.1."""
+    for _ in range(200):
+        base = random.randint(20000, 60000 - n)
+        try:
+            socks = []
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no block of free ports found")
+
+
+def _request(method: str, url: str, body: bytes | None = None, timeout: float = 300.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, method=method,
+                                 headers={"Content-Type": "application/json"} if body else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+class NeuronserveSystem:
+    label = "neuronserve"
+
+    def __init__(self, name: str, root: Path, cpus: list[int], *, copies: int = 1, threads_per_copy: int = 1,
+                 max_batch_delay_ms: float = 1.0, batch_sizes: list[int] | None = None):
+        self.name, self.root, self.cpus = name, root, cpus
+        self.tuning = dict(copies=copies, threads_per_copy=threads_per_copy, max_batch_delay_ms=max_batch_delay_ms)
+        self.batch_sizes = batch_sizes
+        self.stack = None
+
+    def config_text(self, base_port: int, front_port: int) -> str:
+        from bench.models import SEQ, TASK, source_dir
+
+        t = self.tuning
+        return f"""# written by `python -m bench` for one run
+[server]
+backend = "cpu"
+model_repository = "{self.root / 'models'}"
+base_port = {base_port}
+python = "{sys.executable}"
+log_level = "warning"
+timeout_s = 120
+
+[nginx]
+listen = "127.0.0.1:{front_port}"
+
+[cpu]
+threads_per_copy = {t['threads_per_copy']}
+
+[models.{self.name}]
+task = "{TASK}"
+source = "{source_dir(self.name, self.root)}"
+batch_sizes = {json.dumps(self.batch_sizes)}
+sequence_lengths = [{SEQ}]
+copies = {t['copies']}
+max_batch_delay_ms = {t['max_batch_delay_ms']}
+max_queue = 1024
+"""
+
+    def start(self) -> None:
+        from neuronserve import config
+        from neuronserve.devices import cpu as cpu_devices
+        from neuronserve.layout import Layout
+        from neuronserve.plan import make_plan
+        from neuronserve.up import Stack
+
+        work = self.root / "run" / f"neuronserve-{self.name}"
+        work.mkdir(parents=True, exist_ok=True)
+        base = free_port_block(len(self.cpus) + 1)
+        path = work / "neuronserve.toml"
+        path.write_text(self.config_text(base + 1, base))
+        cfg = config.load(path, dropins=False)
+        host = cpu_devices.discover(set(self.cpus))
+        plan = make_plan(cfg, host, python=sys.executable)
+        self.stack = Stack(plan, Layout(work / "root", cfg), nginx=True, grace_s=10)
+        self.stack.start()
+        try:
+            self.stack.wait_ready(600)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.stack is not None:
+            self.stack.stop()
+            self.stack = None
+
+    @property
+    def path(self) -> str:
+        return f"/models/{self.name}"
+
+    @property
+    def body(self) -> str:
+        return json.dumps({"inputs": PAYLOAD})
+
+    @property
+    def targets(self) -> list[wrk.Target]:
+        return [wrk.Target(self.stack.front_url, (wrk.Request("POST", self.path, self.body, "application/json"),))]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.popen.pid for p in self.stack.procs]
+
+    def probe(self) -> float:
+        """One checked request to every group directly (it queues behind whatever the group still has):
+        the slowest one's seconds."""
+        slowest = 0.0
+        for url in self.stack.group_urls.values():
+            t0 = time.monotonic()
+            status, body = _request("POST", url + self.path, self.body.encode())
+            slowest = max(slowest, time.monotonic() - t0)
+            answer = json.loads(body)
+            if status != 200 or not isinstance(answer, dict) or not {"answer", "score", "start", "end"} <= set(answer):
+                raise RuntimeError(f"neuronserve {url}: unexpected answer {status} {body[:300]!r}")
+        return slowest
+
+    def batches(self) -> tuple[float, float, float]:
+        """(batches executed, sum of items/bucket, items) over every group so far, from /metrics."""
+        batches = fill = items = 0.0
+        for url in self.stack.group_urls.values():
+            _, text = _request("GET", url + "/metrics", timeout=30)
+            for family in text_string_to_metric_families(text.decode()):
+                for s in family.samples:
+                    if s.name == "neuronserve_batch_size_count":
+                        batches += s.value
+                    elif s.name == "neuronserve_batch_size_sum":
+                        items += s.value
+                    elif s.name == "neuronserve_batch_fill_sum":
+                        fill += s.value
+        return batches, fill, items
+
+
+class BaselineSystem:
+    label = "baseline"
+
+    def __init__(self, name: str, model_dir: Path, root: Path, cpus: list[int]):
+        self.name, self.model_dir, self.cpus = name, model_dir, cpus
+        self.log_dir = root / "run" / f"baseline-{name}"
+        self.server: Baseline | None = None
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.server = Baseline(self.model_dir, self.cpus, free_port_block(len(self.cpus)), log_dir=self.log_dir)
+        self.server.start()
+        try:
+            self.server.wait_ready(600)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    @property
+    def targets(self) -> list[wrk.Target]:
+        # like the original benchmark: every core's port, every model copy on it, in turn
+        return [wrk.Target(url, tuple(wrk.Request("GET", request_path(core, copy, QUESTION, CONTEXT))
+                                      for copy in range(COPIES)))
+                for core, url in enumerate(self.server.urls)]
+
+    @property
+    def pids(self) -> list[int]:
+        return self.server.pids
+
+    def probe(self) -> float:
+        slowest = 0.0
+        for core, url in enumerate(self.server.urls):
+            t0 = time.monotonic()
+            status, body = _request("GET", url + request_path(core, 0, QUESTION, CONTEXT))
+            slowest = max(slowest, time.monotonic() - t0)
+            answer = json.loads(body)
+            if status != 200 or not isinstance(answer.get("detail"), str):
+                raise RuntimeError(f"baseline {url}: unexpected answer {status} {body[:300]!r}")
+        return slowest
+
+    def batches(self) -> None:
+        return None     # batch 1 always: one model call per answered request

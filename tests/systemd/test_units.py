@@ -1,0 +1,246 @@
+"""`neuronserve apply`, `status` and `cleanup` under a real systemd, with nginx in front and load running.
+
+One throw-away container for the module (see conftest.py); the tests run in order on the same stack:
+apply from nothing -> requests through nginx -> kill -9 of a worker and of a unit's main process ->
+apply of a config edit under load -> cleanup. Figures (requests sent/failed during the apply, seconds until a
+killed group is back) are printed and written to <pytest basetemp>/systemd-figures.json.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.systemd, pytest.mark.slow]
+
+NEURONSERVE = str(Path(sys.prefix) / "bin" / "neuronserve")
+LOAD = Path(__file__).parent / "load.py"
+CONFIG = "/etc/neuronserve/neuronserve.toml"
+REPO = "/var/lib/neuronserve/models"
+UNITS = ["neuronserve-tiny-0.service", "neuronserve-tiny-1.service"]
+PORTS = [8100, 8101]
+FRONT = "http://127.0.0.1:8080/models/tiny"
+BODY = json.dumps({"inputs": "a short sentence to classify"})
+FIGURES: dict = {}
+
+
+def config_text(delay_ms: float) -> str:
+    return f"""
+[server]
+backend = "cpu"
+model_repository = "{REPO}"
+python = "{Path(sys.prefix) / 'bin' / 'python'}"
+graceful_timeout_s = 10
+[nginx]
+listen = "127.0.0.1:8080"
+[models.tiny]
+task = "text-classification"
+source = "/nonexistent: compiled on the host before boot"
+copies = 1
+groups = 2
+batch_sizes = [1, 4]
+sequence_lengths = [32]
+max_batch_delay_ms = {delay_ms}
+"""
+
+
+@pytest.fixture(scope="module")
+def box(container, tiny_model_dir, tmp_path_factory):
+    from neuronserve.compile import compile_model
+
+    seed = container.seed
+    compile_model(tiny_model_dir("text-classification"), seed / REPO.lstrip("/") / "tiny", name="tiny",
+                  task="text-classification", backend="cpu", target="cpu", batch_sizes=[1, 4],
+                  sequence_lengths=[32])
+    (seed / "etc/neuronserve").mkdir(parents=True)
+    (seed / CONFIG.lstrip("/")).write_text(config_text(1.0))
+    # an unrelated service, which cleanup must leave running
+    (seed / "etc/systemd/system/multi-user.target.wants").mkdir(parents=True)
+    (seed / "etc/systemd/system/bystander.service").write_text(
+        "[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n")
+    (seed / "etc/systemd/system/multi-user.target.wants/bystander.service").symlink_to(
+        "/etc/systemd/system/bystander.service")
+    container.boot()
+    # what the package's postinst does
+    container.run(["useradd", "--system", "--home-dir", "/var/lib/neuronserve", "--shell", "/usr/sbin/nologin",
+                   "neuronserve"])
+    yield container
+    out = tmp_path_factory.getbasetemp() / "systemd-figures.json"
+    out.write_text(json.dumps(FIGURES, indent=2))
+    print(f"\nsystemd figures ({out}):\n{json.dumps(FIGURES, indent=2)}")
+
+
+def neuronserve(box, *args, timeout=400, check=True):
+    return box.run([NEURONSERVE, *args, "--config", CONFIG], timeout=timeout, check=check)
+
+
+def prop(box, unit: str, name: str) -> str:
+    return box.run(["systemctl", "show", unit, f"--property={name}", "--value"]).stdout.strip()
+
+
+def worker_pid(box, unit: str) -> int | None:
+    """The gunicorn worker: the one child of the unit's main process (None while there is not exactly one)."""
+    main = prop(box, unit, "MainPID")
+    kids = box.run(["pgrep", "-P", main], check=False).stdout.split()
+    return int(kids[0]) if len(kids) == 1 else None
+
+
+def ready(box, port: int) -> bool:
+    r = box.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2",
+                 f"http://127.0.0.1:{port}/v2/health/ready"], check=False)
+    return r.stdout.strip() == "200"
+
+
+def nginx_says(box) -> str:
+    """The front's last error and access log lines, for a failed assertion's message."""
+    return box.sh("tail -n 15 /var/log/nginx/error.log; tail -n 15 /var/log/nginx/neuronserve.access.log",
+                  check=False).stdout
+
+
+def wait_until(fn, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Load:
+    """tests/systemd/load.py in the container's network namespace, through nginx."""
+
+    def __init__(self, box, concurrency: int, max_s: float = 240):
+        self.stop_file = box.state / f"stop-{time.monotonic_ns()}"
+        self.proc = box.popen_in_netns([sys.executable, str(LOAD), FRONT, BODY, str(concurrency),
+                                        str(self.stop_file), str(max_s)], stdout=subprocess.PIPE, text=True)
+
+    def finish(self) -> dict:
+        self.stop_file.touch()
+        out, _ = self.proc.communicate(timeout=120)
+        return json.loads(out)
+
+
+def test_apply_starts_the_target_and_groups_as_the_neuronserve_user(box):
+    t0 = time.monotonic()
+    r = neuronserve(box, "apply")
+    FIGURES["first_apply_s"] = round(time.monotonic() - t0, 1)
+    assert "applied: 6 file(s) changed; started 2" in r.stdout, r.stdout
+    assert box.run(["systemctl", "is-enabled", "neuronserve.target"]).stdout.strip() == "enabled"
+    assert box.run(["systemctl", "is-active", "neuronserve.target", *UNITS]).stdout.split() == ["active"] * 3
+    uid = box.run(["id", "-u", "neuronserve"]).stdout.strip()
+    for unit in UNITS:
+        main, worker = prop(box, unit, "MainPID"), worker_pid(box, unit)
+        assert worker, f"{unit}: no single worker under {main}"
+        owners = box.run(["ps", "-o", "uid=,user=", "-p", f"{main},{worker}"]).stdout.split()
+        assert owners == [uid, "neuronserve"] * 2, f"{unit} runs as {owners}"
+        assert prop(box, unit, "Restart") == "on-failure"
+        # journald has the group's own log, with the readiness line of the warm-up
+        journal = box.run(["journalctl", "-u", unit, "--no-pager", "-o", "cat"]).stdout
+        assert "passed the known-answer warm-up" in journal, journal[-2000:]
+    # only nginx listens beyond the loopback... and the groups only on 127.0.0.1
+    listening = box.run(["ss", "-Hltn"]).stdout
+    for port in PORTS:
+        assert f"127.0.0.1:{port} " in listening and f"0.0.0.0:{port} " not in listening
+
+
+def test_group_units_rate_2_or_better_in_systemd_analyze_security(box):
+    for unit in UNITS:
+        r = box.run(["systemd-analyze", "security", "--offline=true", f"/etc/systemd/system/{unit}"], check=False)
+        m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout + r.stderr)
+        assert m, r.stdout[-2000:] + r.stderr[-2000:]
+        FIGURES[f"exposure {unit}"] = float(m.group(1))
+        assert float(m.group(1)) <= 2.0, r.stdout
+
+
+def test_requests_through_nginx_reach_both_groups_and_status_reports_them(box):
+    before = {p: requests_served(box, p) for p in PORTS}
+    load = Load(box, concurrency=2)
+    time.sleep(5)
+    result = load.finish()
+    assert result["sent"] > 10 and result["failed"] == 0, result
+    served = {p: requests_served(box, p) - before[p] for p in PORTS}
+    assert all(n > 0 for n in served.values()), f"least_conn should use both groups: {served}"
+    r = neuronserve(box, "status")
+    for name, port in (("tiny-0", 8100), ("tiny-1", 8101)):
+        line = next(line for line in r.stdout.splitlines() if line.startswith(name))
+        assert "active (running)" in line and f" {port} " in line and " yes " in line, r.stdout
+    assert "neuronserve.target: active" in r.stdout
+
+
+def requests_served(box, port: int) -> float:
+    text = box.run(["curl", "-s", "--max-time", "2", f"http://127.0.0.1:{port}/metrics"]).stdout
+    return sum(float(line.rsplit(None, 1)[1]) for line in text.splitlines()
+               if line.startswith("neuronserve_requests_total{"))
+
+
+def test_kill_9_is_restarted_while_nginx_routes_around_it(box):
+    load = Load(box, concurrency=2)
+    time.sleep(1)
+    # a worker: gunicorn's master starts a new one
+    old = worker_pid(box, UNITS[0])
+    assert old
+    t0 = time.monotonic()
+    box.run(["kill", "-9", str(old)])
+    wait_until(lambda: not ready(box, PORTS[0]) or worker_pid(box, UNITS[0]) != old, 30, "the worker to go")
+    wait_until(lambda: ready(box, PORTS[0]), 120, "tiny-0 ready again")
+    FIGURES["worker_kill9_back_s"] = round(time.monotonic() - t0, 1)
+    assert worker_pid(box, UNITS[0]) != old
+    # the unit's main process (gunicorn master): systemd restarts the unit (Restart=on-failure)
+    main, restarts = prop(box, UNITS[1], "MainPID"), int(prop(box, UNITS[1], "NRestarts"))
+    t0 = time.monotonic()
+    box.run(["kill", "-9", main])
+    wait_until(lambda: int(prop(box, UNITS[1], "NRestarts")) == restarts + 1, 60, "systemd to restart tiny-1")
+    wait_until(lambda: ready(box, PORTS[1]), 120, "tiny-1 ready again")
+    FIGURES["main_kill9_back_s"] = round(time.monotonic() - t0, 1)
+    assert prop(box, UNITS[1], "MainPID") != main
+    result = load.finish()
+    FIGURES["kill9_load"] = {k: result[k] for k in ("sent", "ok", "failed", "errors", "max_latency_s", "seconds")}
+    # nginx retried the requests the dead processes dropped on the other group (proxy_next_upstream)
+    assert result["sent"] > 0 and result["failed"] == 0, f"{result}\n{nginx_says(box)}"
+
+
+def test_apply_after_a_config_edit_under_load_loses_no_request(box):
+    mains = {u: prop(box, u, "MainPID") for u in UNITS}
+    box.write(CONFIG, config_text(2.0))
+    load = Load(box, concurrency=4)
+    time.sleep(1)
+    t0 = time.monotonic()
+    r = neuronserve(box, "apply")
+    apply_s = time.monotonic() - t0
+    time.sleep(1)
+    result = load.finish()
+    FIGURES["apply_under_load"] = {"apply_s": round(apply_s, 1), "requests_sent": result["sent"],
+                                   "failed": result["failed"], "errors": result["errors"],
+                                   "max_latency_s": result["max_latency_s"]}
+    steps = [line.split()[:2] for line in r.stdout.splitlines()]
+    # one group at a time: tiny-0 is back in nginx before tiny-1 is drained
+    assert steps.index(["stop", UNITS[0]]) < steps.index(["ready", UNITS[0]]) < steps.index(["stop", UNITS[1]])
+    assert "rolled 2" in r.stdout, r.stdout
+    assert all(prop(box, u, "MainPID") != mains[u] for u in UNITS)
+    assert 'NEURONSERVE_MAX_BATCH_DELAY_MS=2.0' in box.run(["systemctl", "show", UNITS[1], "-p", "Environment"]).stdout
+    assert result["sent"] > 20 and result["failed"] == 0, f"{result}\n{nginx_says(box)}"
+
+
+def test_cleanup_leaves_nothing_behind(box):
+    r = neuronserve(box, "cleanup")
+    assert "stop" in r.stdout, r.stdout
+    loaded = box.run(["systemctl", "list-units", "--all", "--no-legend", "--plain", "neuronserve*"]).stdout
+    files = box.run(["systemctl", "list-unit-files", "--no-legend", "--plain", "neuronserve*"]).stdout
+    assert loaded.strip() == "" and files.strip() == "", loaded + files
+    left = box.sh("ls -d /etc/systemd/system/neuronserve* /etc/systemd/system/*.wants/neuronserve* "
+                  "/etc/nginx/conf.d/neuronserve.conf /etc/neuronserve/gunicorn/* 2>/dev/null", check=False).stdout
+    assert left.strip() == "", left
+    assert box.run(["pgrep", "-u", "neuronserve"], check=False).returncode == 1
+    listening = box.run(["ss", "-Hltn"]).stdout
+    assert not any(f"127.0.0.1:{p} " in listening for p in PORTS) and "127.0.0.1:8080 " not in listening
+    # what is not neuronserve's is untouched: nginx, another service, the config and the models
+    assert box.run(["systemctl", "is-active", "nginx.service", "bystander.service"]).stdout.split() == ["active"] * 2
+    box.run(["test", "-f", CONFIG])
+    box.run(["test", "-f", f"{REPO}/tiny/manifest.json"])
+    assert "nothing" in neuronserve(box, "cleanup").stdout      # a second cleanup finds nothing to do

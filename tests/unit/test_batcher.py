@@ -1,0 +1,237 @@
+"""The batcher and the copies, on a real tiny compiled classifier: bucket choice, splitting, the batching delay,
+the bounded queue, dropped requests of clients that left, and the timeout (with the stuck copy replaced)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from neuronserve import tasks
+from neuronserve.server.batcher import Batcher, ServeError, Work
+from neuronserve.server.model import ServedModel, load_tokenizer
+from server_kit import GatedLoader, compiled, settings_for
+
+TASK = "text-classification"
+BUCKETS = [(1, 32), (1, 128), (4, 32), (4, 128)]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tiny_model_dir):
+    return compiled(tmp_path_factory.getbasetemp() / "server-artifacts", tiny_model_dir(TASK), TASK)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir(TASK))
+
+
+def items(tokenizer, *words: int) -> list[tasks.Encoded]:
+    """Real tokenized items, one per count: 'word word ...' is count + 2 tokens long."""
+    return tasks.encode(TASK, tokenizer, [" ".join(["word"] * n) for n in words], 128, truncation=False)
+
+
+def work(its) -> Work:
+    return Work(list(its), None, decode=False)
+
+
+def taken(batch) -> list[int]:
+    return [w.items[i].length for w, i in batch.entries]
+
+
+# ---------------------------------------------------------------- the Batcher on its own
+
+def test_picks_the_smallest_bucket_that_fits(tokenizer):
+    b = Batcher(BUCKETS, max_queue=64, max_delay_s=0)
+    b.submit(work(items(tokenizer, 3)))
+    assert b.next_batch()[:2] == (1, 32)
+    b.done()
+    b.submit(work(items(tokenizer, 3, 5, 8)))
+    assert b.next_batch()[:2] == (4, 32)
+    b.done()
+    b.submit(work(items(tokenizer, 3, 60)))          # the longest item sets the sequence bucket
+    batch = b.next_batch()
+    assert batch[:2] == (4, 128) and taken(batch) == [5, 62]
+
+
+def test_splits_a_large_request_in_arrival_order(tokenizer):
+    b = Batcher(BUCKETS, max_queue=64, max_delay_s=0)
+    w = work(items(tokenizer, *range(1, 11)))
+    b.submit(w)
+    sizes = []
+    for _ in range(3):
+        batch = b.next_batch()
+        assert all(entry[0] is w for entry in batch.entries)
+        sizes.append([i for _, i in batch.entries])
+        b.done()
+    assert sizes == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert b.depth == 0
+
+
+def test_backs_off_when_no_bucket_holds_the_whole_head(tokenizer):
+    # long sequences are compiled for batch 1 only: a long item goes alone, the short ones after it together
+    b = Batcher([(1, 128), (8, 32)], max_queue=64, max_delay_s=0)
+    b.submit(work(items(tokenizer, 2, 70, 2, 2)))
+    got = []
+    while b.depth:
+        batch = b.next_batch()
+        got.append((batch.batch, batch.seq, taken(batch)))
+        b.done()
+    assert got == [(1, 128, [4]), (1, 128, [72]), (8, 32, [4, 4])]
+
+
+def test_lone_request_on_an_idle_server_does_not_wait(tokenizer):
+    b = Batcher(BUCKETS, max_queue=64, max_delay_s=30)
+    b.submit(work(items(tokenizer, 3)))
+    t0 = time.monotonic()
+    assert b.next_batch() is not None
+    assert time.monotonic() - t0 < 10   # far below the 30 s delay: no copy was busy, so no waiting
+
+
+def test_waits_for_more_while_another_copy_is_busy(tokenizer):
+    b = Batcher(BUCKETS, max_queue=64, max_delay_s=0.3)
+    b.submit(work(items(tokenizer, 3)))
+    assert b.next_batch() is not None          # one copy now executing
+    b.submit(work(items(tokenizer, 3)))
+    t0 = time.monotonic()
+    batch = b.next_batch()
+    assert time.monotonic() - t0 >= 0.25       # waited (about) max_batch_delay for company
+    assert len(batch.entries) == 1
+
+
+def test_a_full_batch_goes_without_waiting_out_the_delay(tokenizer):
+    b = Batcher(BUCKETS, max_queue=64, max_delay_s=30)
+    b.submit(work(items(tokenizer, 3)))
+    assert b.next_batch() is not None          # one copy busy: a partial batch would wait 30 s
+    result = []
+    t = threading.Thread(target=lambda: result.append(b.next_batch()))
+    t.start()
+    b.submit(work(items(tokenizer, 3, 3)))
+    b.submit(work(items(tokenizer, 3, 3)))     # 4 queued = the largest batch
+    t.join(20)
+    assert not t.is_alive() and len(result[0].entries) == 4
+
+
+def test_full_queue_refuses_with_retry_after(tokenizer):
+    b = Batcher(BUCKETS, max_queue=5, max_delay_s=0)
+    b.submit(work(items(tokenizer, 1, 1, 1)))
+    with pytest.raises(ServeError) as e:
+        b.submit(work(items(tokenizer, 1, 1, 1)))
+    assert e.value.status == 503 and e.value.retry_after
+    b.submit(work(items(tokenizer, 1, 1)))      # what still fits is taken
+    with pytest.raises(ServeError) as e:
+        b.submit(work(items(tokenizer, *[1] * 6)))
+    assert e.value.status == 413                # could never fit: not a retry case
+
+
+def test_cancelled_work_is_dropped_before_it_runs(tokenizer):
+    b = Batcher(BUCKETS, max_queue=64, max_delay_s=0)
+    gone, kept = work(items(tokenizer, 3, 3)), work(items(tokenizer, 5))
+    b.submit(gone)
+    b.submit(kept)
+    gone.cancelled = True
+    batch = b.next_batch()
+    assert [e[0] for e in batch.entries] == [kept] and b.dropped == 2
+
+
+def test_close_wakes_waiting_copies(tokenizer):
+    b = Batcher(BUCKETS, max_queue=64, max_delay_s=0)
+    result = []
+    t = threading.Thread(target=lambda: result.append(b.next_batch()))
+    t.start()
+    time.sleep(0.1)
+    b.close()
+    t.join(10)
+    assert result == [None]
+    with pytest.raises(ServeError):
+        b.submit(work(items(tokenizer, 1)))
+
+
+# ---------------------------------------------------------------- the copies behind it (ServedModel)
+
+async def started(model: ServedModel, timeout: float = 60) -> None:
+    model.start(asyncio.get_running_loop())
+    deadline = time.monotonic() + timeout
+    while not model.ready:
+        assert time.monotonic() < deadline, model.reason
+        await asyncio.sleep(0.05)
+
+
+def eager_logits(artifact, tokenizer, texts):
+    """The reference: the traced batch-1 artifact of each item's own length bucket, run directly."""
+    out = []
+    for item in tasks.encode(TASK, tokenizer, texts, 128, truncation=False):
+        seq = 32 if item.length <= 32 else 128
+        module = torch.jit.load(str(artifact / f"b1_s{seq}.pt"))
+        arrays = tasks.pad([item], 1, seq, ["input_ids", "attention_mask", "token_type_ids"])
+        out.append(module(*map(torch.from_numpy, arrays))[0][0].detach().numpy())
+    return np.stack(out)
+
+
+def test_batched_answers_equal_one_by_one(artifact, tokenizer):
+    texts = [f"sentence number {i} " + "word " * (i * 7) for i in range(9)]   # lengths over both seq buckets
+    loader = GatedLoader()
+
+    async def main():
+        model = ServedModel(settings_for(artifact, copies=2, max_batch_delay_ms=20), load=loader)
+        await started(model)
+        loader.armed.set()
+        try:
+            encoded = await model.tokenize(texts)
+            works = await asyncio.gather(*(model.infer(encoded[i:i + 3], decode=True, deadline=time.monotonic() + 60)
+                                           for i in range(0, 9, 3)))
+        finally:
+            model.close()
+        return model, works
+
+    model, works = asyncio.run(main())
+    logits = np.concatenate([model.outputs(w)["logits"] for w in works])
+    np.testing.assert_allclose(logits, eager_logits(artifact, tokenizer, texts), atol=1e-4)
+    answers = [a for w in works for a in w.answers]
+    assert [a[0]["label"] for a in answers] == [("NEGATIVE", "POSITIVE")[int(np.argmax(r))] for r in logits]
+    assert all(b <= 4 for b, _ in loader.batches) and sum(b for b, _ in loader.batches) >= 9
+
+
+def test_client_gone_is_dropped_and_timeout_gets_504_then_the_copy_is_replaced(artifact, tokenizer):
+    loader = GatedLoader(gated={0, 1, 2, 3})     # the first copy's four bucket runners hang once armed
+
+    async def main():
+        model = ServedModel(settings_for(artifact, copies=1, timeout_s=1.0), load=loader)
+        await started(model)
+        loader.armed.set()
+        try:
+            first = await model.tokenize(["the copy hangs in this one"])
+            second = await model.tokenize(["this client leaves while queued"])
+            hung = asyncio.ensure_future(model.infer(first, decode=False, deadline=time.monotonic() + 1.0))
+            while not loader.entered.is_set():
+                await asyncio.sleep(0.01)
+            left = asyncio.Event()
+            queued = asyncio.ensure_future(model.infer(second, decode=False, deadline=time.monotonic() + 30,
+                                                       disconnected=left.wait))
+            await asyncio.sleep(0.05)
+            left.set()
+            with pytest.raises(ServeError) as gone:
+                await queued
+            with pytest.raises(ServeError) as timed_out:
+                await hung
+            # the watchdog gives the stuck copy up and loads a fresh one, which serves the next request
+            deadline = time.monotonic() + 60
+            while loader.loads < 8:
+                assert time.monotonic() < deadline, "no replacement copy was loaded"
+                await asyncio.sleep(0.05)
+            after = await model.infer(await model.tokenize(["served by the replacement"]), decode=True,
+                                      deadline=time.monotonic() + 60)
+            return gone.value, timed_out.value, after, model
+        finally:
+            loader.release()
+            model.close()
+
+    gone, timed_out, after, model = asyncio.run(main())
+    assert gone.status == 499
+    assert timed_out.status == 504 and "timeout_s" in str(timed_out)
+    assert after.answers[0][0]["label"] in ("NEGATIVE", "POSITIVE")
+    assert model.batcher.dropped == 1    # the departed client's item never ran
+    assert model.ready
