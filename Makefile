@@ -12,7 +12,7 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests drive for real: nginx in front, systemd-nspawn for the unit tests, rpm/lintian
 # for the package checks, tmux for `top`'s screen, wrk for the baseline load.
 DEB_TOOLS := nginx:nginx systemd-nspawn:systemd-container rpm:rpm rpmbuild:rpm lintian:lintian \
-             tmux:tmux wrk:wrk systemd-analyze:systemd
+             tmux:tmux wrk:wrk systemd-analyze:systemd debootstrap:debootstrap rpmlint:rpmlint
 PYTEST_ARGS ?=
 
 .PHONY: demo test unit packages bench sysdeps clean

@@ -58,9 +58,9 @@ def measure_system(system, name: str, result: dict, levels: list[int], duration:
         for c in levels:
             drain(system, b1)
             before = system.batches()
-            cpu0 = cpu.cpu_seconds(system.pids)
+            cpu0, host0, wrk0 = cpu.cpu_seconds(system.pids), cpu.host_busy_seconds(), cpu.children_seconds()
             res = wrk.run(system.targets, c, duration, timeout_s=120)
-            cpu1 = cpu.cpu_seconds(system.pids)
+            cpu1, host1, wrk1 = cpu.cpu_seconds(system.pids), cpu.host_busy_seconds(), cpu.children_seconds()
             after = system.batches()
             if before is None:
                 model_cpu = res.ok * report.per_call_at(ceil, 1)
@@ -69,11 +69,13 @@ def measure_system(system, name: str, result: dict, levels: list[int], duration:
                 model_cpu = report.model_cpu_seconds(ceil, d[0], d[1], d[2])
             row = {"concurrency": c, "throughput": res.throughput, "p50": res.p50, "p90": res.p90, "p99": res.p99,
                    "max": res.max, "completed": res.completed, "errors": res.errors, "duration_s": res.duration_s,
-                   "cpu_s": cpu1 - cpu0, "model_cpu_s": model_cpu}
+                   "cpu_s": cpu1 - cpu0, "model_cpu_s": model_cpu, "client_cpu_s": wrk1 - wrk0,
+                   # CPU that neither the system nor the client used: other work on the host, a noisy level
+                   "foreign_cpu_s": max(0.0, (host1 - host0) - (cpu1 - cpu0) - (wrk1 - wrk0))}
             rows.append(row)
             log(f"  {system.label} c={c}: {res.throughput:.1f} req/s, p50 {fmt_ms(res.p50)} p99 {fmt_ms(res.p99)} ms"
                 f"{', errors ' + str(res.errors) if res.errors else ''}; CPU {row['cpu_s']:.1f} s "
-                f"(model ~{model_cpu:.1f} s)")
+                f"(model ~{model_cpu:.1f} s), client {row['client_cpu_s']:.1f} s, other {row['foreign_cpu_s']:.1f} s")
         drain(system, b1)
     finally:
         system.stop()
@@ -94,7 +96,8 @@ def measure_ceiling(name: str, model_dir: Path, cpus: list[int]) -> dict:
     for b in models.BATCH_SIZES[name]:
         t = ceiling.throughput(model_dir, PAYLOAD, b, [[c] for c in cpus], seconds)
         rows.append(vars(t))
-        log(f"  ceiling batch {b}: {t.items_per_s:.1f} items/s ({t.per_call_s * 1000:.1f} ms per call)")
+        log(f"  ceiling batch {b}: {t.items_per_s:.1f} items/s ({t.per_call_s * 1000:.1f} ms per call, "
+            f"{t.per_call_cpu_s * 1000:.1f} ms CPU)")
     lat_group = ceiling.latency(model_dir, PAYLOAD, [cpus[0]], 1, seconds)
     lat_all = ceiling.latency(model_dir, PAYLOAD, cpus, len(cpus), seconds)
     log(f"  in-process batch 1: {lat_group.median_s * 1000:.1f} ms on one CPU, "

@@ -22,7 +22,8 @@ from pathlib import Path
 class Throughput:
     batch: int
     items_per_s: float              # all groups together
-    per_call_s: float               # mean time of one batch call, averaged over the groups
+    per_call_s: float               # mean wall time of one batch call, averaged over the groups
+    per_call_cpu_s: float           # mean CPU time of one batch call (what it costs whatever else runs)
 
 
 @dataclass
@@ -62,27 +63,29 @@ def _load(model_dir: Path, payload: dict, batch: int, cpus: list[int], threads: 
     return run, inputs
 
 
-def _timed_calls(run, inputs, min_s: float, min_calls: int) -> list[float]:
+def _timed_calls(run, inputs, min_s: float, min_calls: int) -> tuple[list[float], float]:
+    """Wall seconds of each call, and the process' CPU seconds over all of them."""
     times = []
+    cpu0 = time.process_time()
     end = time.perf_counter() + min_s
     while time.perf_counter() < end or len(times) < min_calls:
         t0 = time.perf_counter()
         run(*inputs)
         times.append(time.perf_counter() - t0)
-    return times
+    return times, time.process_time() - cpu0
 
 
 def _throughput_worker(model_dir, payload, batch, cpus, seconds, barrier, results):
     run, inputs = _load(Path(model_dir), payload, batch, cpus, len(cpus))
     barrier.wait()
     t0 = time.perf_counter()
-    times = _timed_calls(run, inputs, seconds, 3)
-    results.put((len(times) * batch, time.perf_counter() - t0, statistics.fmean(times)))
+    times, cpu_s = _timed_calls(run, inputs, seconds, 3)
+    results.put((len(times) * batch, time.perf_counter() - t0, statistics.fmean(times), cpu_s / len(times)))
 
 
 def _latency_worker(model_dir, payload, cpus, threads, seconds, results):
     run, inputs = _load(Path(model_dir), payload, 1, cpus, threads)
-    results.put(_timed_calls(run, inputs, seconds, 5))
+    results.put(_timed_calls(run, inputs, seconds, 5)[0])
 
 
 def throughput(model_dir: Path, payload: dict, batch: int, groups: list[list[int]], seconds: float) -> Throughput:
@@ -100,8 +103,8 @@ def throughput(model_dir: Path, payload: dict, batch: int, groups: list[list[int
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    return Throughput(batch=batch, items_per_s=sum(items / elapsed for items, elapsed, _ in got),
-                      per_call_s=statistics.fmean(call for _, _, call in got))
+    return Throughput(batch=batch, items_per_s=sum(items / elapsed for items, elapsed, _, _ in got),
+                      per_call_s=statistics.fmean(g[2] for g in got), per_call_cpu_s=statistics.fmean(g[3] for g in got))
 
 
 def latency(model_dir: Path, payload: dict, cpus: list[int], threads: int, seconds: float) -> Latency:

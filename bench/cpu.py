@@ -40,3 +40,19 @@ def tree_pids(roots: list[int]) -> list[int]:
 def cpu_seconds(roots: list[int]) -> float:
     """Total user+system CPU seconds of the live process trees under `roots`."""
     return sum(st[1] for pid in tree_pids(roots) if (st := _stat(pid)) is not None)
+
+
+def host_busy_seconds() -> float:
+    """CPU seconds every CPU of the host spent busy since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / TICKS
+
+
+def children_seconds() -> float:
+    """CPU seconds of this process' waited-for children (wrk)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime

@@ -31,20 +31,20 @@ def best_ceiling(ceiling: dict) -> dict:
     return max(ceiling["throughput"], key=lambda r: r["items_per_s"])
 
 
-def per_call_at(ceiling: dict, batch: float) -> float:
-    """In-process seconds of one call at `batch` items (linear between the measured batch sizes)."""
+def per_call_at(ceiling: dict, batch: float, key: str = "per_call_cpu_s") -> float:
+    """In-process CPU seconds (or `key`) of one call at `batch` items (linear between the measured sizes)."""
     rows = sorted(ceiling["throughput"], key=lambda r: r["batch"])
     sizes = [r["batch"] for r in rows]
     if batch <= sizes[0]:
-        return rows[0]["per_call_s"]
+        return rows[0][key]
     if batch >= sizes[-1]:
-        return rows[-1]["per_call_s"] * batch / sizes[-1]
+        return rows[-1][key] * batch / sizes[-1]
     i = bisect.bisect_left(sizes, batch)
     lo, hi = rows[i - 1], rows[i]
     if hi["batch"] == batch:
-        return hi["per_call_s"]
+        return hi[key]
     f = (batch - lo["batch"]) / (hi["batch"] - lo["batch"])
-    return lo["per_call_s"] + f * (hi["per_call_s"] - lo["per_call_s"])
+    return lo[key] + f * (hi[key] - lo[key])
 
 
 def model_cpu_seconds(ceiling: dict, batches: float, fill_sum: float, items: float) -> float:
@@ -63,6 +63,21 @@ def serving_cpu_per_request(level: dict) -> float | None:
     if ok <= 0 or level.get("cpu_s") is None or level.get("model_cpu_s") is None:
         return None
     return max(level["cpu_s"] - level["model_cpu_s"], 0.0) / ok
+
+
+def cpu_efficiency(level: dict, ceiling: dict) -> float | None:
+    """Requests answered per CPU-second of the system's processes, over the ceiling's items per CPU-second at
+    its most efficient batch size: robust to other work on the host, which a throughput ratio is not."""
+    best = max(r["batch"] / r["per_call_cpu_s"] for r in ceiling["throughput"] if r.get("per_call_cpu_s"))
+    ok = level["completed"] - level["errors"].get("status", 0)
+    return ok / level["cpu_s"] / best if level.get("cpu_s") else None
+
+
+def other_load(level: dict | None) -> float | None:
+    """CPUs' worth of work from outside the measurement (neither system nor client) during a level."""
+    if not level or level.get("foreign_cpu_s") is None or not level.get("duration_s"):
+        return None
+    return level["foreign_cpu_s"] / level["duration_s"]
 
 
 def _at(levels: list[dict], concurrency: int) -> dict | None:
@@ -88,7 +103,10 @@ def ratio_rows(result: dict) -> list[dict]:
                      "baseline_over_ceiling": _ratio(base_tp, ceiling),
                      "neuronserve_over_baseline": _ratio(ns_tp, base_tp),
                      "neuronserve_p50": n and n["p50"], "neuronserve_p99": n and n["p99"],
-                     "baseline_p50": b and b["p50"], "baseline_p99": b and b["p99"]})
+                     "baseline_p50": b and b["p50"], "baseline_p99": b and b["p99"],
+                     "neuronserve_cpu_efficiency": n and cpu_efficiency(n, result["ceiling"]),
+                     "baseline_cpu_efficiency": b and cpu_efficiency(b, result["ceiling"]),
+                     "other_load": max((x for x in (other_load(n), other_load(b)) if x is not None), default=None)})
     return rows
 
 
@@ -172,14 +190,17 @@ def markdown(results: dict[str, dict], meta: dict) -> str:
                   f"one process per core group); batch-1 latency {_ms(s['inprocess_b1_group_s'])} ms on one "
                   f"group, {_ms(s['inprocess_b1_all_s'])} ms on all CPUs.", "",
                   "| concurrency | ceiling items/s | neuronserve req/s | baseline req/s | neuronserve / ceiling "
-                  "| neuronserve / baseline | neuronserve p50 / p99 ms | baseline p50 / p99 ms |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| neuronserve / baseline | neuronserve p50 / p99 ms | baseline p50 / p99 ms "
+                  "| CPU efficiency vs ceiling: neuronserve / baseline | other load (CPUs) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in ratio_rows(result):
             lines.append(
                 f"| {r['concurrency']} | {_n(r['ceiling'])} | {_n(r['neuronserve'])} | {_n(r['baseline'])} "
                 f"| {_n(r['neuronserve_over_ceiling'], '.3f')} | {_n(r['neuronserve_over_baseline'], '.2f')} "
                 f"| {_ms(r['neuronserve_p50'])} / {_ms(r['neuronserve_p99'])} "
-                f"| {_ms(r['baseline_p50'])} / {_ms(r['baseline_p99'])} |")
+                f"| {_ms(r['baseline_p50'])} / {_ms(r['baseline_p99'])} "
+                f"| {_n(r['neuronserve_cpu_efficiency'], '.3f')} / {_n(r['baseline_cpu_efficiency'], '.3f')} "
+                f"| {_n(r['other_load'], '.2f')} |")
         errors = {f"{system} c={lv['concurrency']}": lv["errors"] for system in SYSTEMS
                   for lv in result.get(system, []) if lv["errors"]}
         lines += ["", f"Serving CPU per request (model compute excluded), at the busiest level: neuronserve "

@@ -16,6 +16,10 @@ class Layout:
     root: Path
     config: Config
 
+    def __post_init__(self) -> None:
+        # rendered files name each other by absolute path: a relative root would be resolved twice
+        object.__setattr__(self, "root", Path(self.root).absolute())
+
     def under(self, path: Path | str) -> Path:
         path = Path(path)
         return self.root / path.relative_to("/") if path.is_absolute() else self.root / path

@@ -18,6 +18,7 @@ from neuronserve.server.settings import ServerSettings
 
 APP = "neuronserve.server.app:create_app()"
 _compiled: dict[tuple, Path] = {}
+_servers: dict[str, "Gunicorn"] = {}
 
 
 def compiled(root: Path, source: Path, task: str, *, batch_sizes=(1, 4), sequence_lengths=(32, 128),
@@ -93,8 +94,8 @@ class Gunicorn:
         env.update(settings.to_env(), PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-k", "uvicorn_worker.UvicornWorker", "-w", "1",
-             "-b", f"127.0.0.1:{self.port}", "--timeout", "300", "--graceful-timeout", "5", "--no-control-socket", APP],
+            [sys.executable, "-m", "gunicorn", "-k", "uvicorn_worker.UvicornWorker", "-w", "1", "--no-control-socket",
+             "-b", f"127.0.0.1:{self.port}", "--timeout", "300", "--graceful-timeout", "5", APP],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def log(self) -> str:
@@ -140,3 +141,14 @@ class Gunicorn:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def shared_server(config, settings: ServerSettings, log_dir: Path) -> Gunicorn:
+    """A started Gunicorn for `settings`, shared by every test module of the session and stopped at its end
+    (pytest's config cleanup). Starting returns at once: call wait_ready() before use."""
+    key = settings.model_dump_json()
+    if key not in _servers:
+        server = Gunicorn(settings, Path(log_dir) / f"{settings.group}-{len(_servers)}.log")
+        config.add_cleanup(server.stop)
+        _servers[key] = server
+    return _servers[key]

@@ -163,8 +163,7 @@ def test_neuron_load_imports_the_framework_first_and_runs_float32(fakes, no_neur
               for i in range(2)]
     # one torch.jit.load per copy (the runtime places each on the visible cores round-robin)
     assert fakes.events == ["import torch_neuronx", "jit.load b2_s16.pt", "jit.load b2_s16.pt"]
-    arrays = tuple(torch.from_numpy(a) for a in compiler._example("text-classification", _tok(tiny_model_dir),
-                                                                   2, 16, NAMES))
+    arrays = compiler._example("text-classification", _tok(tiny_model_dir), 2, 16, NAMES)
     expected = eager(tiny_model_dir, "text-classification", arrays)
     for run in copies:
         [logits] = run(*arrays)
@@ -305,8 +304,7 @@ def test_cuda_compile_moves_module_and_inputs_to_the_gpu(tiny_model_dir, tmp_pat
 
     gpu.moves.clear()
     run = get("cuda").load(tmp_path / "repo" / "m" / "b2_s16.pt", copy_index=0, threads=1)
-    arrays = tuple(torch.from_numpy(a) for a in compiler._example("text-classification", _tok(tiny_model_dir),
-                                                                   2, 16, NAMES))
+    arrays = compiler._example("text-classification", _tok(tiny_model_dir), 2, 16, NAMES)
     [logits] = run(*arrays)
     assert gpu.moves == [("jit.load", "b2_s16.pt", "cuda:0")] + [("tensor.to", "cuda:0", (2, 16), torch.int64)] * 3
     assert logits.dtype == torch.float32 and logits.device.type == "cpu"

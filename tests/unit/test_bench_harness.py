@@ -1,0 +1,217 @@
+"""The pieces of `make bench` (bench/), checked for correctness, never for speed.
+
+- the baseline server answers like the original design (argmax span of the batch-1 traced model), over real
+  hypercorn, and refuses an unknown model copy;
+- wrk, driven by the generated Lua script, loads it with no errors (the script's escaping included);
+- the ratio table's math: interpolation of the in-process cost, the model-CPU estimate, the ratios, targets;
+- CPU accounting of process trees.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from bench import cpu, report, wrk
+from bench.baseline_server import Baseline, request_path
+from bench.systems import CONTEXT, QUESTION, free_port_block
+
+
+# ---------------------------------------------------------------- the baseline server, for real
+
+@pytest.fixture(scope="module")
+def compiled_tiny(tiny_model_dir, tmp_path_factory):
+    from neuronserve.compile import compile_model
+
+    source = tiny_model_dir("question-answering")
+    out = tmp_path_factory.mktemp("bench-tiny") / "tiny"
+    compile_model(source, out, name="tiny", task="question-answering", backend="cpu", target="cpu",
+                  batch_sizes=[1], sequence_lengths=[128])
+    return out
+
+
+def expected_answer(model_dir, question: str, context: str) -> str:
+    """What the original's post-processing gives for this model, computed here without HTTP."""
+    import torch
+    import transformers
+
+    from neuronserve.artifact import read_manifest
+
+    manifest = read_manifest(model_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir / manifest.tokenizer))
+    enc = tok(question, context, return_tensors="pt", max_length=128, padding="max_length", truncation=True)
+    model = torch.jit.load(str(model_dir / "b1_s128.pt"))
+    with torch.inference_mode():
+        start_logits, end_logits = model(*(enc[n] for n in manifest.input_names))
+    start, end = int(start_logits.argmax()), int(end_logits.argmax()) + 1
+    ids = enc["input_ids"][0]
+    return tok.convert_tokens_to_string(tok.convert_ids_to_tokens(ids[start:end] if end > start else ids[start:]))
+
+
+def get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.slow
+def test_baseline_answers_like_the_original_and_wrk_loads_it(compiled_tiny, tmp_path):
+    cpus = sorted(os.sched_getaffinity(0))[:1]
+    with Baseline(compiled_tiny, cpus, free_port_block(1), log_dir=tmp_path) as server:
+        server.wait_ready(120)
+        url = server.urls[0]
+        assert get(url + "/") == (200, {"Status": "Healthy"})
+
+        question, context = "Where does Wolfgang live?", "My name is Wolfgang and I live in Berlin, near the river."
+        want = expected_answer(compiled_tiny, question, context)
+        for copy in (0, 1):
+            assert get(url + request_path(0, copy, question, context)) == (200, {"detail": want})
+        status, body = get(url + request_path(0, 2, question, context))
+        assert status == 404 and "model_2" in body["detail"]
+
+        # the process is pinned where it was asked to be (hypercorn's worker inherits it)
+        pids = cpu.tree_pids(server.pids)
+        assert len(pids) >= 2
+        assert all(os.sched_getaffinity(p) == set(cpus) for p in pids)
+
+        if shutil.which("wrk") is None:
+            pytest.skip("wrk is not installed (make bench installs it)")
+        target = wrk.Target(url, tuple(wrk.Request("GET", request_path(0, c, QUESTION, CONTEXT)) for c in (0, 1)))
+        before = cpu.cpu_seconds(server.pids)
+        result = wrk.run([target], 2, 1.5, timeout_s=30)
+        assert result.completed > 0 and result.errors == {}
+        assert result.ok == result.completed and result.throughput > 0
+        assert 0 < result.p50 <= result.p99 <= result.max
+        assert cpu.cpu_seconds(server.pids) > before
+
+
+def test_wrk_lua_script_escapes_what_it_carries():
+    body = json.dumps({"inputs": {"question": "Où est-il? 'quoted' \\ back", "context": "line\nbreak \"x\""}})
+    script = wrk.lua_script([wrk.Target("http://127.0.0.1:8080", (wrk.Request("POST", "/m", body, "a/b"),))])
+    # no raw quote, backslash or newline from the payload reaches the Lua source unescaped
+    literal = next(line for line in script.splitlines() if "port=" in line)
+    assert "\\039quoted\\039" in literal and "\\010" in literal and "\\092" in literal
+    # decimal escapes of the UTF-8 bytes of "ù"
+    assert "\\195\\185" in literal
+    luac = shutil.which("luac") or shutil.which("luac5.1") or shutil.which("luajit")
+    if luac:
+        path = f"/tmp/bench-test-{os.getpid()}.lua"
+        with open(path, "w") as f:
+            f.write(script)
+        try:
+            flag = ["-bl"] if "luajit" in luac else ["-p"]
+            assert subprocess.run([luac, *flag, path], capture_output=True).returncode == 0
+        finally:
+            os.unlink(path)
+
+
+def test_wrk_output_parsing():
+    out = ("Running 1s test\nWRK-RESULT {\"duration_us\": 2000000, \"requests\": 100, \"errors\": {\"connect\": 0, "
+           "\"read\": 0, \"write\": 0, \"status\": 4, \"timeout\": 1}, \"p50_us\": 1000, \"p90_us\": 2000, "
+           "\"p99_us\": 5000, \"max_us\": 9000, \"mean_us\": 1200.5}\n")
+    r = wrk.parse_output(out, 8)
+    assert r.errors == {"status": 4, "timeout": 1}
+    assert r.ok == 96 and r.throughput == pytest.approx(48.0)
+    assert (r.p50, r.p99, r.max) == (0.001, 0.005, 0.009)
+    with pytest.raises(RuntimeError, match="no result"):
+        wrk.parse_output("wrk: connection refused", 1)
+
+
+# ---------------------------------------------------------------- the ratio table's math
+
+def _ceiling():
+    return {"throughput": [{"batch": 1, "items_per_s": 20.0, "per_call_s": 0.1, "per_call_cpu_s": 0.1},
+                           {"batch": 2, "items_per_s": 25.0, "per_call_s": 0.16, "per_call_cpu_s": 0.16},
+                           {"batch": 4, "items_per_s": 24.0, "per_call_s": 0.33, "per_call_cpu_s": 0.32}],
+            "latency_group": {"median_s": 0.1, "p99_s": 0.11},
+            "latency_all": {"median_s": 0.06, "p99_s": 0.07}}
+
+
+def _level(c, tp, p99, cpu_s=None, model=None, errors=None, duration=10.0, foreign=0.0):
+    completed = int(tp * duration) + (errors or {}).get("status", 0)
+    return {"concurrency": c, "throughput": tp, "p50": p99 / 2, "p90": p99 * 0.9, "p99": p99, "max": p99 * 1.2,
+            "completed": completed, "errors": errors or {}, "duration_s": duration, "cpu_s": cpu_s,
+            "model_cpu_s": model, "foreign_cpu_s": foreign}
+
+
+def test_in_process_cost_interpolates_between_batch_sizes():
+    c = _ceiling()
+    assert report.per_call_at(c, 1) == 0.1
+    assert report.per_call_at(c, 1.5) == pytest.approx(0.13)
+    assert report.per_call_at(c, 3) == pytest.approx(0.24)
+    assert report.per_call_at(c, 8) == pytest.approx(0.64)        # past the largest: proportional
+    assert report.per_call_at(c, 2, key="per_call_s") == 0.16
+    # 10 batches of 2 items in batch-2 buckets (fill 1.0 each): 10 x 0.16 s
+    assert report.model_cpu_seconds(c, 10, 10.0, 20) == pytest.approx(1.6)
+    # 10 batches of 1 item in batch-2 buckets (fill 0.5 each): still batch-2 calls
+    assert report.model_cpu_seconds(c, 10, 5.0, 10) == pytest.approx(1.6)
+    assert report.model_cpu_seconds(c, 0, 0, 0) == 0.0
+
+
+def test_ratio_rows_summary_and_targets():
+    result = {"name": "tiny", "ceiling": _ceiling(),
+              "neuronserve": [_level(1, 9.0, 0.104, cpu_s=1.0, model=0.9), _level(4, 24.5, 0.3),
+                              _level(64, 24.4, 3.0, cpu_s=10.0, model=8.0, foreign=5.0)],
+              "baseline": [_level(1, 8.0, 0.2), _level(4, 8.1, 0.6, cpu_s=9.0, model=8.1),
+                           _level(64, 8.0, 9.0, errors={"status": 3})]}
+    rows = {r["concurrency"]: r for r in report.ratio_rows(result)}
+    assert rows[4]["ceiling"] == 25.0                         # best batch size's items/s
+    assert rows[4]["neuronserve_over_ceiling"] == pytest.approx(0.98)
+    assert rows[64]["neuronserve_over_baseline"] == pytest.approx(24.4 / 8.0)
+    assert rows[64]["other_load"] == pytest.approx(0.5)
+    # 244 requests on 10 CPU-s, against the ceiling's best 2 / 0.16 = 12.5 items per CPU-s
+    assert rows[64]["neuronserve_cpu_efficiency"] == pytest.approx(24.4 / 12.5)
+
+    s = report.summary(result)
+    assert s["p99_c1_over_b1_group"] == pytest.approx(1.04)
+    assert s["p99_c1_over_b1_best"] == pytest.approx(0.104 / 0.06)
+    assert s["c64_over_c4"] == pytest.approx(24.4 / 24.5)
+    assert s["min_over_ceiling_c4_up"] == pytest.approx(24.4 / 25.0)
+    assert s["max_neuronserve_over_max_baseline"] == pytest.approx(24.5 / 8.1)
+    # busiest level: neuronserve c=4 has no CPU numbers -> no capacity; baseline c=4: 81 req on 0.9 CPU-s
+    assert s["neuronserve_capacity_per_core"] is None
+    assert s["baseline_serving_cpu_ms"] == pytest.approx(900 / 81)
+
+    met = {text.split(" >=")[0].split(" <=")[0]: ok for text, _, ok in report.targets("tiny", result)}
+    assert met["neuronserve / ceiling"] is True
+    assert met["no fall at 64 against 4 (throughput 64 / 4"] is True
+    assert met["p99 at concurrency 1 / in-process batch-1 latency (one core group)"] is True
+    assert met["p99 at concurrency 1 / in-process batch-1 latency (best of one group, all CPUs)"] is False
+    assert met["max req/s neuronserve / baseline"] is True
+    assert met["serving capacity"] is None
+
+    md = report.markdown({"tiny": result}, {"when": "now", "cpus": 2, "cpu_model": "test"})
+    assert "| 64 | 25.0 | 24.4 | 8.0 | 0.976 | 3.05 |" in md
+    assert "| NO |" in md and "baseline c=64: {'status': 3}" in md
+
+
+def test_serving_cpu_per_request_excludes_the_model():
+    assert report.serving_cpu_per_request(_level(4, 100.0, 0.1, cpu_s=3.0, model=2.0)) == pytest.approx(0.001)
+    assert report.serving_cpu_per_request(_level(4, 100.0, 0.1, cpu_s=1.0, model=2.0)) == 0.0
+    assert report.serving_cpu_per_request(_level(4, 0.0, 0.1, cpu_s=1.0, model=0.5)) is None
+
+
+# ---------------------------------------------------------------- CPU accounting
+
+def test_cpu_seconds_cover_the_process_tree():
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt=time.process_time()\n"
+                              "while time.process_time() - t < 0.3: pass\ntime.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 30
+        while cpu.cpu_seconds([child.pid]) < 0.25:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert child.pid in cpu.tree_pids([os.getpid()])
+        assert cpu.cpu_seconds([os.getpid()]) >= cpu.cpu_seconds([child.pid])
+    finally:
+        child.kill()
+        child.wait()
+    assert cpu.host_busy_seconds() > 0
