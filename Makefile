@@ -52,6 +52,7 @@ packages: sysdeps $(STAMP)
 	$(BIN)/python packaging/build.py dist
 
 bench: sysdeps $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench
 
 clean:

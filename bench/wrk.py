@@ -153,7 +153,7 @@ def run(targets: list[Target], concurrency: int, duration_s: float, *, timeout_s
         f.write(lua_script(targets))
         script = f.name
     try:
-        argv = [wrk_binary(), "-t", str(threads), "-c", str(concurrency), "-d", f"{duration_s:g}s",
+        argv = [wrk_binary(), "-t", str(threads), "-c", str(concurrency), "-d", f"{max(1, round(duration_s))}s",
                 "--timeout", f"{timeout_s:g}s", "-s", script, targets[0].url]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + timeout_s + 30)
     finally:

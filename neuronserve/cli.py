@@ -400,8 +400,12 @@ def compile_cmd(config_path, backend, models, source, task, name, out, batch_siz
     target = target or compiler.default_target(backend)
     name = name or (out.name if out else source.name)
     out = out or cfg.server.model_repository / name
-    args = shlex.split(compiler_args) if compiler_args is not None else (
-        (cfg.neuron.inf1_compiler_args if target == "inf1" else cfg.neuron.compiler_args) if backend == "neuron" else [])
+    if compiler_args is not None:
+        args = shlex.split(compiler_args)
+    elif backend == "neuron":
+        args = cfg.neuron.inf1_compiler_args if target == "inf1" else cfg.neuron.compiler_args
+    else:
+        args = []
     dtype = ("float16" if cfg.cuda.half else "float32") if backend == "cuda" else None
     display, progress = compiler.console_progress(sys.stderr.isatty())
     with display:

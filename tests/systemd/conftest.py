@@ -32,7 +32,6 @@ import pytest
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "container.sh"
-REPO = HERE.parent.parent
 VENV = Path(sys.prefix)
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOME_DIRS = ("/root", "/home", "/run/user")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from neuronserve import apply, cleanup, config, render
+from neuronserve import apply, cleanup, config
 from neuronserve.devices import Core, Holder, Host, cpu
 from neuronserve.errors import ServiceError
 from neuronserve.layout import Layout

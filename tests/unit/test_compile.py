@@ -219,8 +219,9 @@ def test_unsupported_architectures(tmp_path):
     import transformers
 
     vit = tmp_path / "vit"
-    transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                 intermediate_size=37, image_size=32, patch_size=16)).save_pretrained(vit)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=37, image_size=32, patch_size=16)
+    transformers.ViTModel(config).save_pretrained(vit)
     with pytest.raises(ArtifactError, match="architecture 'vit' has no question-answering model in transformers"):
         compiler.compile_model(vit, tmp_path / "o", name="vit", task="question-answering", backend="cpu",
                                target="cpu", batch_sizes=[1], sequence_lengths=[16])
@@ -395,3 +396,14 @@ def test_cli_errors_are_one_readable_line(tmp_path, args, message):
     assert message in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "OUT").exists()
+
+
+def test_progress_on_a_terminal_is_a_bar_per_model():
+    display, progress = compiler.console_progress(tty=True)
+    with display:
+        report = progress("bert-qa")
+        report(0, 4, "loading /src")
+        report(2, 4, "traced batch 1 x seq 128 (3.1s)")
+    [task] = display.tasks
+    assert (task.completed, task.total, task.description) == (2, 4, "bert-qa: traced batch 1 x seq 128 (3.1s)")
+    assert task.elapsed is not None

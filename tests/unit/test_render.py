@@ -133,7 +133,7 @@ def test_unit_content_per_backend(tmp_path):
         g = plan.groups[1]
         text = units[backend][g.name]
         assert text.startswith(f"# {HEADER}\n")
-        assert "User=svc\nGroup=svc\n" in text
+        assert "\nUser=svc\n" in text and not re.search(r"^Group=", text, re.M)
         assert "PartOf=neuronserve.target" in text and "WantedBy=neuronserve.target" in text
         assert "Restart=on-failure" in text and "KillMode=mixed" in text and "TimeoutStopSec=30" in text
         assert f"SyslogIdentifier=neuronserve-{g.name}" in text and "StandardOutput=journal" in text
@@ -160,6 +160,14 @@ def test_models_under_home_are_readable(tmp_path):
     layout = Layout(tmp_path / "root", cfg)
     text = render_files(plan, layout)[layout.unit_path(plan.groups[0].unit)]
     assert "ProtectHome=read-only" in text and "ReadOnlyPaths=-/home/ml/models" in text
+    # a venv whose interpreter links into a home directory (pyenv) needs it visible too
+    cfg.server.model_repository = Path("/srv/models")
+    venv_python = tmp_path / "venv/bin/python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.symlink_to("/root/.pyenv/versions/3.11.7/bin/python3.11")
+    for python, protect in [("/usr/bin/python3", "yes"), (str(venv_python), "read-only")]:
+        plan = make_plan(cfg, HOSTS["cpu"](), python=python)
+        assert f"ProtectHome={protect}\n" in render_files(plan, layout)[layout.unit_path(plan.groups[0].unit)]
 
 
 def test_systemd_quoting():
@@ -329,3 +337,26 @@ def test_stale_units(tmp_path):
     del cfg.models["qa"]
     smaller = make_plan(cfg, HOSTS["cpu"](), python="/usr/bin/python3")
     assert stale_units(layout, smaller) == sorted([old, layout.unit_path("neuronserve-qa-0.service")])
+
+
+def test_cli_render(tmp_path):
+    from click.testing import CliRunner
+
+    from neuronserve.cli import main
+
+    cfg_path = tmp_path / "neuronserve.toml"
+    cfg_path.write_text('[server]\nbackend = "cpu"\n' + TWO_MODELS)
+    root = tmp_path / "root"
+    args = ["render", "--config", str(cfg_path), "--root", str(root)]
+    preview = CliRunner().invoke(main, args + ["--dry-run"])
+    assert preview.exit_code == 0, preview.output
+    assert "+++ " + str(root / "etc/systemd/system/neuronserve.target") in preview.output
+    assert re.search(r"would change \d+ file\(s\)", preview.output) and not root.exists()
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0 and (root / "etc/nginx/conf.d/neuronserve.conf").is_file()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and again.output.startswith("changed 0 file(s)")
+    cfg_path.write_text(cfg_path.read_text().replace("[models.emb]", f'[nginx]\nauth_token_file = "{tmp_path}/none"\n'
+                                                                   "[models.emb]"))
+    bad = CliRunner().invoke(main, args)
+    assert bad.exit_code == 2 and "neuronserve: error: nginx.auth_token_file: cannot read" in bad.output
