@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
@@ -36,6 +37,8 @@ def compile_model(source: Path, out: Path, *, name: str, task: str, backend: str
     Raises ArtifactError (bad source, unsupported architecture, failed trace), DeviceError (the backend's
     framework is not importable here) or ConfigError (bad arguments).
     """
+    import torch
+
     from neuronserve import backends
 
     source, out = Path(source), Path(out)
@@ -90,8 +93,12 @@ def compile_model(source: Path, out: Path, *, name: str, task: str, backend: str
             bucket_dir = workdir / f"b{batch}_s{seq}"
             bucket_dir.mkdir()
             try:
-                traced = engine.trace(module, example, target=target, workdir=bucket_dir,
-                                      compiler_args=list(compiler_args), dtype=dtype)
+                with warnings.catch_warnings():
+                    # "converting a tensor to a Python boolean": shapes are fixed per bucket, as intended
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    warnings.simplefilter("ignore", FutureWarning)    # transformers' deprecation notes
+                    traced = engine.trace(module, example, target=target, workdir=bucket_dir,
+                                          compiler_args=list(compiler_args), dtype=dtype)
             except (ArtifactError, DeviceError):
                 raise
             except Exception as e:   # the compilers raise anything; the message is what the user needs
@@ -184,6 +191,9 @@ def _load(source: Path, spec: tasks.Task, attn_implementation: str):
         raise ArtifactError(f"{source}: not a Hugging Face model directory (no config.json)")
     import transformers
 
+    # our own progress says what is happening; transformers' bars and advice would only bury it
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     try:
         config = transformers.AutoConfig.from_pretrained(str(source), local_files_only=True)
     except (OSError, ValueError) as e:

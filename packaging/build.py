@@ -69,7 +69,6 @@ def deb_arch() -> str:
 
 def build_own_wheel(out: Path) -> Path:
     """neuronserve's wheel from the working tree (the .venv already has setuptools: no isolated build)."""
-    shutil.rmtree(out, ignore_errors=True)
     run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", out, REPO])
     (wheel,) = out.glob("neuronserve-*.whl")
     return wheel
@@ -131,12 +130,15 @@ def resolve(wheel: Path, python: str, wheel_arch: str) -> dict[str, str]:
 
 def dependency_wheels(wheel: Path, wheel_arch: str) -> Path:
     """Download (once per requirement set) the dependency wheels for every Python; returns their folder."""
-    key = hashlib.sha256(json.dumps([wheel_requires(wheel), PYTHONS, wheel_arch, sorted(EXCLUDED)]).encode())
-    folder = CACHE / f"deps-{wheel_arch}-{key.hexdigest()[:16]}"
-    if (folder / "complete").exists():
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)
-    (folder / "wheels").mkdir(parents=True)
+    # extras (test, models) are never installed from the wheelhouse: a change there keeps the cache
+    requires = [r for r in wheel_requires(wheel) if "extra ==" not in r]
+    key = hashlib.sha256(json.dumps([requires, PYTHONS, wheel_arch, sorted(EXCLUDED)]).encode())
+    done = CACHE / f"deps-{wheel_arch}-{key.hexdigest()[:16]}"
+    if done.exists():
+        return done
+    # filled aside and renamed into place: a concurrent or interrupted build never sees a partial folder
+    folder = Path(tempfile.mkdtemp(prefix=done.name + ".", dir=CACHE))
+    (folder / "wheels").mkdir()
     for python in PYTHONS:
         pins = resolve(wheel, python, wheel_arch)
         deps = [f"{n}=={v}" for n, v in sorted(pins.items()) if n != "neuronserve"]
@@ -146,14 +148,18 @@ def dependency_wheels(wheel: Path, wheel_arch: str) -> Path:
         reqs = [d for d in deps if not d.startswith("pip==")]
         (folder / f"requirements-cp{python.replace('.', '')}.txt").write_text(
             "# installed by /opt/neuronserve/bin/install-venv with --no-index --no-deps\n" + "\n".join(reqs) + "\n")
-    (folder / "complete").touch()
-    return folder
+    try:
+        folder.rename(done)
+    except OSError:     # another build got there first
+        shutil.rmtree(folder)
+    for stale in CACHE.glob(f"deps-{wheel_arch}-*"):   # what older requirements needed
+        if stale != done and "." not in stale.name:
+            shutil.rmtree(stale, ignore_errors=True)
+    return done
 
 
-def stage(own: Path, deps: Path) -> Path:
+def stage(own: Path, deps: Path, out: Path) -> Path:
     """The wheelhouse as it is installed to /opt/neuronserve/wheels."""
-    out = CACHE / "stage" / "wheels"
-    shutil.rmtree(out.parent, ignore_errors=True)
     shutil.copytree(deps / "wheels", out)
     shutil.copy2(own, out)
     own_pin = f"neuronserve=={wheel_version(own)}\n"
@@ -181,10 +187,10 @@ def package_version(explicit: str | None) -> str:
     return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
 
 
-def render(template: str, **values) -> Path:
+def render(template: str, work: Path, **values) -> Path:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
-    out = CACHE / template.removesuffix(".j2")
+    out = work / template.removesuffix(".j2")
     out.write_text(env.get_template(template).render(**values))
     return out
 
@@ -196,17 +202,21 @@ def build(dist: Path, version: str | None = None, arch: str | None = None) -> tu
     rpm_arch, wheel_arch = ARCHES[arch]
     version = package_version(version)
     CACHE.mkdir(parents=True, exist_ok=True)
-    own = build_own_wheel(CACHE / "own")
-    wheels = stage(own, dependency_wheels(own, wheel_arch))
-    values = dict(version=version, release=RELEASE, arch=arch, repo=REPO, packaging=HERE, wheels=wheels,
-                  pythons=PYTHONS, wheel_version=wheel_version(own), maintainer=MAINTAINER, date=build_date())
-    conf = render("nfpm.yaml.j2", changelog=render("changelog.yml.j2", **values), **values)
     dist.mkdir(parents=True, exist_ok=True)
     deb = dist / f"neuronserve_{version}_{arch}.deb"
     rpm = dist / f"neuronserve-{version}.{rpm_arch}.rpm"
-    nfpm = tool("nfpm")
-    run([nfpm, "package", "--config", conf, "--packager", "deb", "--target", deb], cwd=REPO)
-    run([nfpm, "package", "--config", conf, "--packager", "rpm", "--target", rpm], cwd=REPO)
+    work = Path(tempfile.mkdtemp(prefix="build.", dir=CACHE))   # this build's own: builds may run side by side
+    try:
+        own = build_own_wheel(work / "own")
+        wheels = stage(own, dependency_wheels(own, wheel_arch), work / "wheels")
+        values = dict(version=version, release=RELEASE, arch=arch, repo=REPO, packaging=HERE, wheels=wheels,
+                      pythons=PYTHONS, wheel_version=wheel_version(own), maintainer=MAINTAINER, date=build_date())
+        conf = render("nfpm.yaml.j2", work, changelog=render("changelog.yml.j2", work, **values), **values)
+        nfpm = tool("nfpm")
+        run([nfpm, "package", "--config", conf, "--packager", "deb", "--target", deb], cwd=REPO)
+        run([nfpm, "package", "--config", conf, "--packager", "rpm", "--target", rpm], cwd=REPO)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return deb, rpm
 
 
