@@ -567,9 +567,17 @@ def up_cmd(config_path, backend, root, ready_timeout):
 
     plan = load_plan(config_path, backend)
     scratch = root or Path(tempfile.mkdtemp(prefix="neuronserve-up-"))
-    up.run(plan, Layout(scratch.resolve(), plan.config), ready_timeout=ready_timeout, out=click.echo)
-    if root is None:
-        shutil.rmtree(scratch, ignore_errors=True)
+    keep = root is not None
+    try:
+        up.run(plan, Layout(scratch.resolve(), plan.config), ready_timeout=ready_timeout, out=click.echo)
+    except NeuronserveError:
+        if not keep and any(scratch.rglob("*.log")):    # a group failed: its full log is worth keeping
+            click.echo(f"logs kept in {scratch}", err=True)
+            keep = True
+        raise
+    finally:
+        if not keep:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ of an earlier one; each key remembers which file and line it came from, for the 
 from __future__ import annotations
 
 import re
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:       # Python 3.10 (Ubuntu 22.04 DLAMIs)
+    import tomli as tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,8 +72,10 @@ class ServerSection(_Section):
                                    description="where `neuronserve compile` writes artifacts and the groups read them")
     base_port: int = Field(8100, ge=1024, le=65000,
                            description="group i listens on 127.0.0.1:base_port+i (never on a public address)")
-    python: str = Field("auto", description="interpreter that has torch (and torch-neuronx on Neuron); "
-                                            "auto: a DLAMI venv that imports the backend's framework, else this one")
+    python: str = Field("auto", description="interpreter that has torch (and torch-neuronx on Neuron); auto: a "
+                                            "DLAMI venv that imports the backend's framework, else this one. In "
+                                            "a packaged install it names the ML environment `neuronserve env "
+                                            "--link` joins, and the units run neuronserve's own venv")
     user: str = Field("neuronserve", description="unprivileged user the units run as")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     timeout_s: float = Field(30.0, gt=0, le=3600,
@@ -86,7 +92,10 @@ class NginxSection(_Section):
     conf_path: Path = Field(Path("/etc/nginx/conf.d/neuronserve.conf"), description="where the front config is written")
     client_max_body_size: str = Field("1m", pattern=r"^\d+[kKmM]?$", description="larger bodies get 413")
     keepalive: int = Field(64, ge=0, le=4096, description="idle keepalive connections kept open to each group")
-    max_fails: int = Field(1, ge=0, description="passive health check: failures before a group is skipped")
+    max_fails: int = Field(0, ge=0, description="passive health check: failures before a group is skipped for "
+                                                "fail_timeout_s; 0 never skips one (a refused or 503'd request "
+                                                "simply moves to the next group, which on the loopback costs "
+                                                "nothing, so an overload or a restart never empties a model)")
     fail_timeout_s: int = Field(2, ge=1, description="how long a failed group is skipped")
     auth_token_file: Path | None = Field(None, description="if set, clients must send 'Authorization: Bearer <token>' "
                                                            "with the token in this file")

@@ -126,6 +126,11 @@ def _assign_cores(cfg: Config, host: Host) -> dict[str, list[list[int]]]:
 
 
 def resolve_python(cfg: Config, host: Host) -> str:
+    from neuronserve import mlenv
+
+    if mlenv.joined():
+        # packaged install: neuronserve's venv sees torch & co. through its .pth join, the ML venv has no gunicorn
+        return sys.executable
     if cfg.server.python != "auto":
         return cfg.server.python
     finder = getattr(backend_module(host.backend), "find_python", None)

@@ -71,7 +71,9 @@ class GatedLoader:
 
 def settings_for(model_dir: Path, **overrides) -> ServerSettings:
     name = Path(model_dir).name
-    values = dict(group=f"{name}-0", model=name, model_dir=model_dir, backend="cpu", copies=2, threads=1)
+    # max_queue: room for the e2e tests' large requests
+    values = dict(group=f"{name}-0", model=name, model_dir=model_dir, backend="cpu", copies=2, threads=1,
+                  max_queue=512)
     values.update(overrides)
     return ServerSettings(**values)
 

@@ -65,7 +65,7 @@ def test_each_model_goes_to_its_own_group(guarded):
         assert meta.status_code == 200 and meta.json()["name"] == model
     log = front_access_log(guarded.layout).read_text()
     ports = {g.model: g.port for g in guarded.plan.groups}
-    assert f'"POST /models/emb HTTP/1.1" 200' in log and f"upstream=127.0.0.1:{ports['emb']}" in log
+    assert '"POST /models/emb HTTP/1.1" 200' in log and f"upstream=127.0.0.1:{ports['emb']}" in log
     assert f"upstream=127.0.0.1:{ports['cls']}" in log
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -84,6 +85,12 @@ def servers(request, artifacts, tmp_path_factory):
             started[name].stop()
 
 
+def metric(server: Gunicorn, name: str) -> float:
+    """The value of one series (summed over its other labels), 0 when absent."""
+    lines = httpx.get(server.url + "/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
+
+
 def post(server: Gunicorn, path: str, **kw) -> httpx.Response:
     return httpx.post(server.url + path, timeout=60, **kw)
 
@@ -146,6 +153,32 @@ def test_question_answering_equals_the_eager_model(servers, sources):
         assert hf[row]["answer"] == expected["answer"] and hf[row]["start"] == expected["start"]
         assert hf[row]["score"] == pytest.approx(expected["score"], abs=1e-4)
         assert json.loads(outputs["answer"]["data"][row]) == hf[row]
+
+
+def test_a_client_that_leaves_is_dropped_before_its_turn(servers):
+    server = servers[FE]
+    before = metric(server, "neuronserve_inferences_total")
+    # 500 real MiniLM items of 120 tokens keep both copies busy for a while; the leaving client queues behind them
+    long = ["word " * 118] * 250
+    with ThreadPoolExecutor(2) as pool:
+        big = [pool.submit(post, server, "/models/minilm", json={"inputs": long}) for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while metric(server, "neuronserve_queue_depth") < 400:
+            assert time.monotonic() < deadline and not any(f.done() for f in big), "the big requests never queued"
+            time.sleep(0.01)
+        body = b'{"inputs": "a client that leaves before its turn"}'
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(b"POST /models/minilm HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.2)
+            waiting = metric(server, "neuronserve_queue_depth")
+        assert waiting > 1, "the big requests finished before the client left: nothing to show"
+        assert all(f.result().status_code == 200 for f in big)
+    deadline = time.monotonic() + 30
+    while metric(server, 'neuronserve_requests_total{code="499"') < 1:
+        assert time.monotonic() < deadline, "the departure was never noticed"
+        time.sleep(0.05)
+    assert metric(server, "neuronserve_inferences_total") - before == 500     # the departed item never ran
 
 
 # ---------------------------------------------------------------- bad input, and the worker lives on
