@@ -3,6 +3,7 @@
 #   make test      the whole test suite, end-to-end, systemd and packaging tests included
 #   make packages  build dist/neuronserve_<ver>_<arch>.deb and dist/neuronserve-<ver>.<arch>.rpm
 #   make bench     side-by-side performance run (in-process ceiling, neuronserve, baseline server)
+#   make docs      regenerate docs/neuronserve.1, neuronserve.toml.5, cli.md, configuration.md from the code
 
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -15,11 +16,11 @@ DEB_TOOLS := nginx:nginx systemd-nspawn:systemd-container rpm:rpm rpmbuild:rpm l
              tmux:tmux wrk:wrk systemd-analyze:systemd debootstrap:debootstrap rpmlint:rpmlint
 PYTEST_ARGS ?=
 
-.PHONY: demo test unit packages bench sysdeps clean
+.PHONY: demo test unit packages bench docs sysdeps clean
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '1,6p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,7p' Makefile | sed 's/^# \{0,1\}//'
 
 sysdeps:
 	@missing=""; for pair in $(DEB_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
@@ -54,6 +55,10 @@ packages: sysdeps $(STAMP)
 bench: sysdeps $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench
+
+# generated from neuronserve/cli.py and config.py, and committed: tests/unit/test_docs.py fails until they match
+docs: $(STAMP)
+	$(BIN)/python -m neuronserve.manpage docs
 
 clean:
 	rm -rf build dist demo-run bench-results *.egg-info

@@ -27,6 +27,19 @@ def worker_pids(system: NeuronserveSystem) -> list[int]:
     return [pid for pid in cpu.tree_pids(masters) if pid not in masters]
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread (by native id) of a process, from /proc/<pid>/task."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / cpu.TICKS
+    return out
+
+
 def summarize(raw: Path, top: int = 25) -> str:
     """Collapsed stacks ('thread;frame;frame count' lines) -> per thread share, top inclusive and self frames."""
     threads: collections.Counter = collections.Counter()
@@ -82,13 +95,30 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [pyspy, "record", "--pid", str(pid), "--duration", str(args.duration), "--format", "raw",
                    "--threads", "--nonblocking", "-o", str(raw)] + (["--idle"] if args.idle else [])
             recorders.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        load = threading.Thread(target=lambda: log(f"load: {wrk.run(system.targets, args.concurrency, args.duration)}"))
+        results = []
+        load = threading.Thread(target=lambda: results.append(wrk.run(system.targets, args.concurrency,
+                                                                      args.duration)))
+        pids = worker_pids(system)
+        nginx = [p.popen.pid for p in system.stack.procs if p.name == "nginx"]
+        before = {pid: thread_cpu(pid) for pid in pids}
+        nginx0 = cpu.cpu_seconds(nginx)
         load.start()
+        load.join()
+        after = {pid: thread_cpu(pid) for pid in pids}
+        nginx_s = cpu.cpu_seconds(nginx) - nginx0
         for r in recorders:
             r.wait()
-        load.join()
-        for raw in raws:
+        res = results[0]
+        log(f"load: {res.throughput:.1f} req/s, p50 {res.p50 * 1000:.1f} ms, p99 {res.p99 * 1000:.1f} ms, "
+            f"errors {res.errors}")
+        # CPU per answered request, by thread: sampling shares overcount threads that wait for the CPU
+        print(f"nginx: {1000 * nginx_s / res.ok:.3f} ms CPU per request")
+        for pid, raw in zip(pids, raws):
             print(summarize(raw))
+            for tid, t in sorted(after[pid].items()):
+                spent = t - before[pid].get(tid, 0.0)
+                if spent > 0:
+                    print(f"  thread {tid}: {1000 * spent / res.ok * len(pids):.3f} ms CPU per request of this group")
     finally:
         system.stop()
     return 0

@@ -109,8 +109,11 @@ def compile_model(source: Path, out: Path, *, name: str, task: str, backend: str
             engine.save(traced, path)
             manifest.buckets[i].sha256 = sha256_file(path)
             report(i + 2, total, f"traced batch {batch} x seq {seq} ({time.monotonic() - t0:.1f}s)")
-        tokenizer.save_pretrained(str(stage / manifest.tokenizer))
-        write_manifest(stage, manifest)    # last: a directory with a manifest is complete
+        try:
+            tokenizer.save_pretrained(str(stage / manifest.tokenizer))
+            write_manifest(stage, manifest)    # last: a directory with a manifest is complete
+        except Exception as e:     # OSError, or the tokenizers library's plain Exception (disk full: os error 28)
+            raise ArtifactError(f"{out}: cannot write the compiled model: {e}") from None
         os.chmod(stage, 0o755)             # mkdtemp makes it 0700; the unprivileged server user reads it
         _swap_in(stage, out)
     except BaseException:

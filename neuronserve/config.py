@@ -77,7 +77,8 @@ class ServerSection(_Section):
                                             "a packaged install it names the ML environment `neuronserve env "
                                             "--link` joins, and the units run neuronserve's own venv")
     user: str = Field("neuronserve", description="unprivileged user the units run as")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="gunicorn's and the workers' log level: debug, info, warning or error")
     timeout_s: float = Field(30.0, gt=0, le=3600,
                              description="a request that has not been answered by then gets 504")
     graceful_timeout_s: float = Field(30.0, gt=0, le=3600,
@@ -87,7 +88,8 @@ class ServerSection(_Section):
 class NginxSection(_Section):
     """The front: the only listener clients reach."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="render and run the nginx front; false: clients talk to the groups' "
+                                            "ports on 127.0.0.1 directly")
     listen: str = Field("0.0.0.0:8080", description="address:port nginx listens on")
     conf_path: Path = Field(Path("/etc/nginx/conf.d/neuronserve.conf"), description="where the front config is written")
     client_max_body_size: str = Field("1m", pattern=r"^\d+[kKmM]?$", description="larger bodies get 413")
@@ -109,7 +111,8 @@ class NeuronSection(_Section):
                                      description="neuronx-cc arguments for `compile` on Inf2/Trn")
     inf1_compiler_args: list[str] = Field([], description="neuron-cc arguments for `compile` on Inf1")
     exec_timeout_s: int = Field(10, ge=1, description="NEURON_RT_EXEC_TIMEOUT; kept below server.timeout_s")
-    log_level: Literal["ERROR", "WARNING", "INFO", "DEBUG", "TRACE"] = "WARNING"
+    log_level: Literal["ERROR", "WARNING", "INFO", "DEBUG", "TRACE"] = Field(
+        "WARNING", description="NEURON_RT_LOG_LEVEL: ERROR, WARNING, INFO, DEBUG or TRACE")
     async_inflight: int = Field(3, ge=1, le=64, description="NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS")
     tools_dir: Path = Field(Path("/opt/aws/neuron/bin"), description="where neuron-ls and neuron-monitor live")
 
@@ -126,7 +129,7 @@ class CpuSection(_Section):
 class ModelSection(_Section):
     """One served model: [models.<name>]."""
 
-    task: Task
+    task: Task = Field(description="question-answering, text-classification or feature-extraction")
     source: str = Field(..., description="Hugging Face model directory (or hub id, only where a network is allowed)")
     batch_sizes: list[int] = Field([1, 4, 8], min_length=1, description="compiled batch buckets")
     sequence_lengths: list[int] = Field([128], min_length=1, description="compiled sequence-length buckets")
@@ -333,6 +336,19 @@ def _close_keys(loc: tuple) -> str:
     return repr(hits[0]) if hits else ""
 
 
+def _toml_value(value) -> str:
+    """A default as it would be written in the file (None: the key is simply left out)."""
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, Path)):
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return str(value)
+
+
 def settings_reference() -> list[tuple[str, str, str]]:
     """(key, default, description) for every setting: feeds the docs and `neuronserve config --reference`."""
     rows = []
@@ -341,7 +357,7 @@ def settings_reference() -> list[tuple[str, str, str]]:
         ("cuda", CudaSection), ("cpu", CpuSection), ("models.<name>", ModelSection)]
     for prefix, model in sections:
         for name, field in model.model_fields.items():
-            default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            default = "(required)" if field.is_required() else _toml_value(field.get_default(call_default_factory=True))
             rows.append((f"{prefix}.{name}", default, field.description or ""))
     return rows
 

@@ -45,9 +45,20 @@ class Backend:
         raise NotImplementedError
 
     def save(self, traced, path: Path) -> None:
+        """Raises ArtifactError when the file cannot be written (disk full, read-only, ...)."""
+        import io
+
         import torch
 
-        torch.jit.save(traced, str(path))
+        # serialized in memory first: torch's own file writer aborts the whole process (C++ terminate) when a
+        # write fails, e.g. on a full disk, so the compile could neither clean up nor say what went wrong
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        try:
+            with open(path, "wb") as f:
+                f.write(buffer.getbuffer())
+        except OSError as e:
+            raise ArtifactError(f"{path}: cannot write the artifact: {e.strerror or e}") from None
 
     def load(self, path: Path, *, copy_index: int, threads: int) -> Runner:
         """Load one copy of an artifact; the returned callable runs one padded batch."""

@@ -1,4 +1,4 @@
-"""The ASGI app one group's worker runs: `gunicorn -k uvicorn_worker.UvicornWorker 'neuronserve.server.app:create_app()'`.
+"""The ASGI app one group's worker runs: gunicorn -k uvicorn_worker.UvicornWorker 'neuronserve.server.app:create_app()'.
 
 Routes (every error body is {"error": "<message>"}):
 
@@ -98,7 +98,7 @@ def _setup_logging(level: str) -> None:
             handler.setFormatter(logging.Formatter("[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"))
             log.addHandler(handler)
         log.propagate = False
-    log.setLevel(level.upper())
+    log.setLevel(level.upper() if isinstance(logging.getLevelName(level.upper()), int) else logging.INFO)
 
 
 def _pin(settings: ServerSettings) -> None:
@@ -115,7 +115,10 @@ def _pin(settings: ServerSettings) -> None:
 
 async def _client_gone(request: Request) -> None:
     """Returns once the client closed the connection (the body was read already: the next message is that)."""
-    while (await request.receive())["type"] != "http.disconnect":
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:   # a receive that fails has lost its connection too
         pass
 
 
@@ -148,6 +151,7 @@ def build_app(model: ServedModel) -> FastAPI:
     async def answered(handler, *args) -> Response:
         """Run an inference handler: errors become their status + message, and every answer is counted."""
         t0 = time.monotonic()
+        model.metrics.in_flight.inc()
         try:
             response = await handler(t0, *args)
         except ServeError as e:
@@ -159,10 +163,24 @@ def build_app(model: ServedModel) -> FastAPI:
         except Exception as e:  # a bug: answer, log the traceback, keep the worker
             log.exception("unexpected error")
             response = error(500, f"internal error: {type(e).__name__}: {e}")
+        finally:
+            model.metrics.in_flight.dec()
         model.metrics.request(response.status_code, time.monotonic() - t0)
         return response
 
     # ---------------------------------------------------------------- health and metadata
+
+    text_inputs = ["question", "context"] if spec.pair else []
+    metadata = {
+        "name": model.name, "versions": [VERSION], "platform": f"neuronserve_{settings.backend}",
+        "inputs": [{"name": n, "datatype": "INT64", "shape": [-1, -1]} for n in manifest.input_names]
+        + [{"name": n, "datatype": "BYTES", "shape": [-1]} for n in ["text"] + text_inputs],
+        "outputs": [{"name": n, "datatype": "FP32", "shape": _output_shape(manifest, n, spec.per_token)}
+                    for n in manifest.output_names] + [{"name": ANSWER, "datatype": "BYTES", "shape": [-1]}],
+        "parameters": {"task": model.task, "group": settings.group, "copies": settings.copies,
+                       "buckets": [[b.batch, b.seq] for b in manifest.buckets], "labels": manifest.labels},
+    }
+
 
     @app.get("/v2/health/live")
     async def live():
@@ -201,17 +219,6 @@ def build_app(model: ServedModel) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         return Response(model.metrics.render(), media_type=model.metrics.content_type)
-
-    text_inputs = ["question", "context"] if spec.pair else []
-    metadata = {
-        "name": model.name, "versions": [VERSION], "platform": f"neuronserve_{settings.backend}",
-        "inputs": [{"name": n, "datatype": "INT64", "shape": [-1, -1]} for n in manifest.input_names]
-        + [{"name": n, "datatype": "BYTES", "shape": [-1]} for n in ["text"] + text_inputs],
-        "outputs": [{"name": n, "datatype": "FP32", "shape": _output_shape(manifest, n, spec.per_token)}
-                    for n in manifest.output_names] + [{"name": ANSWER, "datatype": "BYTES", "shape": [-1]}],
-        "parameters": {"task": model.task, "group": settings.group, "copies": settings.copies,
-                       "buckets": [[b.batch, b.seq] for b in manifest.buckets], "labels": manifest.labels},
-    }
 
     # ---------------------------------------------------------------- inference
 

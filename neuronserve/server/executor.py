@@ -22,7 +22,7 @@ import torch
 
 from neuronserve import tasks
 from neuronserve.artifact import Manifest
-from neuronserve.server.batcher import Batch, Batcher, ServeError, Work
+from neuronserve.server.batcher import Batch, Batcher, ServeError
 from neuronserve.server.metrics import Metrics
 
 log = logging.getLogger("neuronserve.server")

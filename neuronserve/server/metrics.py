@@ -43,6 +43,9 @@ class Metrics:
         self._busy = make(Counter, "neuronserve_busy_seconds", "time each model copy spent executing batches",
                           ("copy",))
         self.inferences = make(Counter, "neuronserve_inferences", "items inferred").labels(**labels)
+        # `neuronserve apply` drains a group until this reaches 0 before it stops it
+        self.in_flight = make(Gauge, "neuronserve_requests_in_flight",
+                              "inference requests received and not yet answered").labels(**labels)
         self.ready = make(Gauge, "neuronserve_ready", "1 once the warm-up gave the known answer").labels(**labels)
         self._labels = labels
         self._by_code: dict[int, Counter] = {}

@@ -148,13 +148,14 @@ class ServedModel:
             waits = {work.future, watcher} if watcher else {work.future}
             await asyncio.wait(waits, timeout=max(0.0, deadline - time.monotonic()),
                                return_when=asyncio.FIRST_COMPLETED)
-        finally:
+        finally:    # also when this handler itself is cancelled
             if watcher:
                 watcher.cancel()
-        if work.future.done():
+            if not work.future.done():
+                work.cancelled = True    # copies skip what is still queued
+                work.future.cancel()
+        if not work.future.cancelled():
             return work.future.result()
-        work.cancelled = True    # copies skip what is still queued
-        work.future.cancel()
         if watcher is not None and watcher.done() and not watcher.cancelled():
             raise ServeError(499, "client disconnected")
         raise ServeError(504, f"no answer within {self.settings.timeout_s:g} s (timeout_s)")

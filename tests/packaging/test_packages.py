@@ -94,7 +94,8 @@ def test_package_contents(builds):
         assert any(w.startswith("pydantic_core-") and f"-{tag}-" in w for w in wheels), tag
         assert f"requirements-{tag}.txt" in wheels
     for path in ("./usr/bin/neuronserve", "./opt/neuronserve/bin/install-venv", "." + CONFFILE,
-                 "./usr/share/neuronserve/udev/60-neuronserve-neuron.rules"):
+                 "./usr/share/neuronserve/udev/60-neuronserve-neuron.rules", "./usr/share/man/man1/neuronserve.1.gz",
+                 "./usr/share/man/man5/neuronserve.toml.5.gz"):
         assert path in deb, path
     version = subprocess.run(["dpkg-deb", "-f", str(old.deb), "Version"], capture_output=True, text=True).stdout
     assert version.strip() == f"{old.version}-1"

@@ -124,8 +124,8 @@ def test_qa_text_forms_agree(qa):
     (b'{"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [1, 2]}, '
      b'{"name": "attention_mask", "datatype": "INT64", "shape": [1, 3], "data": [1, 1, 1]}]}', 400, "same shape"),
     (b'{"inputs": [{"name": "pixels", "datatype": "INT64", "shape": [1, 2], "data": [1, 2]}]}', 400, "unknown input"),
-    (b'{"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 200], "data": ' + json.dumps([1] * 200).encode()
-     + b"}]}", 422, "longer than the largest"),
+    (b'{"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 200], "data": '
+     + json.dumps([1] * 200).encode() + b"}]}", 422, "longer than the largest"),
     (b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [""]}]}', 422, "empty text"),
     (b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [7]}]}', 400, "strings"),
     (b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [0], "data": []}]}', 422, "empty"),
