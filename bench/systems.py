@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import json
-import random
-import socket
 import sys
 import time
 import urllib.request
@@ -22,6 +20,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import wrk
+from neuronserve.up import free_port_block
+
 from bench.baseline_server import COPIES, Baseline, request_path
 
 # the original sample's default request (its GET without parameters answers this): 114 tokens, one 128 bucket
@@ -33,24 +33,6 @@ CONTEXT = ("In the childrens story about the little engine a small locomotive is
            "of the mountain. On the way down it says: I thought I could.")
 PAYLOAD = {"question": QUESTION, "context": CONTEXT}
 
-
-def free_port_block(n: int) -> int:
-    """A base port with `n` consecutive free ports on 127.0.0.1."""
-    for _ in range(200):
-        base = random.randint(20000, 60000 - n)
-        try:
-            socks = []
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no block of free ports found")
 
 
 def _request(method: str, url: str, body: bytes | None = None, timeout: float = 300.0) -> tuple[int, bytes]:

@@ -186,14 +186,22 @@ def env_cmd(config_path, link, ml_python, unlink):
         click.echo(f"  {module:<14} {origin or '-'}")
 
 
-def _number_list(ctx, param, value):
-    """'1,4,16' -> [1.0, 4.0, 16.0]."""
-    if not value:
-        return []
-    try:
-        return [float(x) for x in value.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
+def _list_of(kind: type, what: str):
+    """A click callback: '1,4,16' -> [kind(1), kind(4), kind(16)]; unset -> []."""
+
+    def parse(ctx, param, value):
+        if not value:
+            return []
+        try:
+            return [kind(x) for x in value.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of {what}") from None
+
+    return parse
+
+
+_number_list = _list_of(float, "numbers")
+_int_list = _list_of(int, "integers")
 
 
 @main.command("bench")
@@ -316,16 +324,6 @@ def top_cmd(config_path, backend, interval, once, as_json):
             top.run_live(viewer, interval, Console())
     finally:
         viewer.close()
-
-
-def _int_list(ctx, param, value):
-    """'1,4,8' -> [1, 4, 8]."""
-    if value is None:
-        return None
-    try:
-        return [int(x) for x in value.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
 
 
 @main.command("compile")

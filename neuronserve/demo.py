@@ -13,7 +13,6 @@ Run it again and the compiled artifacts are reused. Everything lives under the w
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from neuronserve.devices import cpu
 from neuronserve.errors import NeuronserveError
 from neuronserve.layout import Layout
 from neuronserve.plan import make_plan
-from neuronserve.up import Stack
+from neuronserve.up import Stack, free_port_block
 
 CONFIG = """\
 # written by `make demo` (neuronserve.demo): two models, one core group each, on the CPU
@@ -62,23 +61,10 @@ QUESTION = {"question": "Where do the groups listen?",
             "context": "Each core group listens on 127.0.0.1 and nginx spreads the requests over them."}
 
 
-def free_port(start: int) -> int:
-    """The first port from `start` on that nothing listens on (the demo must not fight a running service)."""
-    for port in range(start, start + 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise NeuronserveError(f"no free port in {start}-{start + 199}")
-
-
 def write_config(workdir: Path) -> Path:
-    front = free_port(8080)
-    base = free_port(8100)
-    while free_port(base + 1) != base + 1 or base == front:     # two groups need two consecutive ports
-        base = free_port(base + 1)
+    # the familiar ports when free; the demo must not fight a service that already listens there
+    front = free_port_block(1, 8080)
+    base = free_port_block(2, max(8100, front + 1))
     path = workdir / "neuronserve.toml"
     path.write_text(CONFIG.format(workdir=workdir, base_port=base, front_port=front,
                                   minilm=random_models.default_tokenizer_dir()))

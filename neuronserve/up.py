@@ -96,6 +96,26 @@ def _port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def free_port_block(count: int, start: int | None = None) -> int:
+    """A base port with `count` consecutive free ports on 127.0.0.1 (groups listen on base_port + i).
+
+    From `start` upwards when given (the demo's familiar 8080/8100), else wherever the kernel hands out a port.
+    """
+    candidates = range(start, 65000 - count) if start is not None else iter(lambda: _ephemeral(), None)
+    for tries, base in enumerate(candidates):
+        if tries >= 500:
+            break
+        if base + count <= 65000 and not any(_port_in_use("127.0.0.1", p) for p in range(base, base + count)):
+            return base
+    raise ServiceError(f"no {count} consecutive free port(s) on 127.0.0.1" + (f" from {start}" if start else ""))
+
+
+def _ephemeral() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         text = path.read_text(errors="replace")

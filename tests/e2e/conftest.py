@@ -15,7 +15,6 @@ Every test in this directory is marked `e2e`. Ports are picked free at start; ev
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from neuronserve import config
 from neuronserve.devices import cpu
 from neuronserve.layout import Layout
 from neuronserve.plan import make_plan
-from neuronserve.up import Stack
+from neuronserve.up import Stack, free_port_block
 
 E2E_DIR = Path(__file__).parent
 READY_TIMEOUT_S = 240.0     # a noisy 2-core machine loading two groups at once
@@ -57,28 +56,6 @@ def two_cpus() -> set[int]:
     return set(cpus[:2])
 
 
-def free_ports(count: int) -> int:
-    """A base port with `count` consecutive free ports after it (groups listen on base_port + i)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count > 65000:
-            continue
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {count} consecutive free ports")
-
 
 def model_table(name: str, **keys) -> str:
     body = {"task": MODELS[name], "source": f"/unused/{name}", "copies": 1, "max_batch_delay_ms": 2.0, **keys}
@@ -100,7 +77,7 @@ def build_stack(workdir: Path, model_repo: Path, models: dict[str, dict], nginx:
     """Write a config for `models` ({name: extra keys}), plan it on two CPU cores, return an unstarted Stack."""
     workdir.mkdir(parents=True, exist_ok=True)
     groups = sum(int(keys.get("groups", 1)) for keys in models.values())
-    base = free_ports(groups + 1)
+    base = free_port_block(groups + 1)
     server = {"backend": "cpu", "model_repository": str(model_repo), "base_port": base + 1, "log_level": "warning",
               "timeout_s": 20.0, "graceful_timeout_s": 5.0, **(server or {})}
     nginx = {"listen": f"127.0.0.1:{base}", **(nginx or {})}

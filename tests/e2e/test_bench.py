@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from neuronserve import bench
 from neuronserve.cli import main
+from neuronserve.up import free_port_block
 
 
 def test_closed_loop_through_nginx_both_protocols(stack):
@@ -35,26 +36,6 @@ def test_open_loop_directly_on_the_groups(stack):
     assert set(row.share) == set(stack.group_urls) and all(f > 0 for f in row.share.values())
 
 
-def free_base(count: int) -> int:
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count > 65000:
-            continue
-        socks = []
-        try:
-            for port in range(base, base + count):
-                socks.append(socket.socket())
-                socks[-1].bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
-
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
@@ -67,7 +48,7 @@ def port_free(port: int) -> bool:
 
 
 def test_sweep_over_groups_and_copies_on_the_cpu_stack(model_repo, tmp_path):
-    base = free_base(3)
+    base = free_port_block(3)
     cfg = tmp_path / "neuronserve.toml"
     cfg.write_text(
         f'[server]\nbackend = "cpu"\nmodel_repository = "{model_repo}"\nbase_port = {base + 1}\n'

@@ -14,7 +14,7 @@ import time
 import httpx
 import orjson
 
-from faultkit import Load, record, wait_until, worker_pid
+from faultkit import Load, ready, record, wait_until, worker_pid
 
 CONCURRENCY = 3
 KILL_AFTER_S = 2.0
@@ -26,7 +26,6 @@ BACK_LIMIT_S = 60.0
 def test_kill_9_of_a_worker_under_load(stack_factory, basetemp):
     s = stack_factory({"emb": {"groups": 2}})
     victim = "emb-0"
-    ready_url = s.group_urls[victim] + "/v2/health/ready"
     old = worker_pid(s, victim)
     assert old is not None
     load = Load(s.front_url + "/models/emb", orjson.dumps({"inputs": "a sentence to embed"}),
@@ -35,16 +34,8 @@ def test_kill_9_of_a_worker_under_load(stack_factory, basetemp):
     killed_at = time.monotonic()
     os.kill(old, signal.SIGKILL)
 
-    def back() -> bool:
-        new = worker_pid(s, victim)
-        if new in (None, old):
-            return False
-        try:
-            return httpx.get(ready_url, timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(back, BACK_LIMIT_S, f"{victim} back and ready after kill -9")
+    wait_until(lambda: worker_pid(s, victim) not in (None, old) and ready(s.group_urls[victim]), BACK_LIMIT_S,
+               f"{victim} back and ready after kill -9")
     back_s = time.monotonic() - killed_at
     result = load.result()
     nginx_errors = (s.layout.state_dir / "nginx-error.log").read_text(errors="replace")

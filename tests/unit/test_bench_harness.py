@@ -20,7 +20,8 @@ import pytest
 
 from bench import cpu, report, wrk
 from bench.baseline_server import Baseline, request_path
-from bench.systems import CONTEXT, QUESTION, free_port_block
+from bench.systems import CONTEXT, QUESTION
+from neuronserve.up import free_port_block
 
 
 # ---------------------------------------------------------------- the baseline server, for real

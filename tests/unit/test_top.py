@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from rich.console import Console
 
 from neuronserve import monitor, top
 from neuronserve.cli import main
+from neuronserve.up import free_port_block
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "neuron-monitor"
 GIB = 1 << 30
@@ -240,25 +240,6 @@ class MetricsHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def free_base_port(n: int) -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65000:
-            continue
-        try:
-            socks = [socket.socket() for _ in range(n)]
-            for i, s in enumerate(socks):
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
 
 @pytest.fixture
 def cpu_stack(tmp_path):
@@ -266,7 +247,7 @@ def cpu_stack(tmp_path):
     import os
 
     ncpu = len(os.sched_getaffinity(0))
-    base = free_base_port(ncpu)
+    base = free_port_block(ncpu)
     names = [f"bert-{i}" for i in range(ncpu)]
     fake = FakeGroups(names)
     servers = []
