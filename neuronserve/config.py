@@ -105,6 +105,15 @@ class NginxSection(_Section):
     rate_limit_burst: int | None = Field(None, ge=0, description="requests a client may send at once above "
                                          "rate_limit before getting 429; default: one second's worth")
 
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        # written into nginx's config unquoted and parsed by `up` and `doctor`: only address:port gets through
+        m = re.fullmatch(r"(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+|\*):)?(\d{1,5})", v)
+        if not m or not 1 <= int(m.group(1)) <= 65535:
+            raise ValueError(f"{v!r} is not [address:]port, e.g. '0.0.0.0:8080', '[::]:8080' or '8080'")
+        return v
+
 
 class NeuronSection(_Section):
     compiler_args: list[str] = Field(["--auto-cast", "matmult", "--auto-cast-type", "bf16"],

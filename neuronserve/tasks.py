@@ -15,8 +15,12 @@ returns a tuple of float32 tensors in the task's `output_names` order.
 """
 from __future__ import annotations
 
+import functools
 import json
+import threading
+import weakref
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -41,9 +45,20 @@ class Encoded:
 
     ids: dict[str, np.ndarray]
     length: int
-    offsets: np.ndarray | None = None        # QA: [length, 2] character offsets into the text they came from
-    sequence_ids: np.ndarray | None = None   # QA: per token 0 (question), 1 (context), -1 (special)
     context: str | None = None               # QA: the text the answer is cut from
+    encoding: Any = None                     # QA: the tokenizers.Encoding (offsets read only where decode needs)
+
+    @property
+    def offsets(self) -> np.ndarray | None:
+        """QA: [length, 2] character offsets into the text each token came from."""
+        return None if self.encoding is None else np.array(self.encoding.offsets, dtype=np.int64).reshape(-1, 2)
+
+    @property
+    def sequence_ids(self) -> np.ndarray | None:
+        """QA: per token 0 (question), 1 (context), -1 (special)."""
+        if self.encoding is None:
+            return None
+        return np.array([-1 if s is None else s for s in self.encoding.sequence_ids], dtype=np.int64)
 
 
 # ---------------------------------------------------------------- parsing request inputs
@@ -106,52 +121,93 @@ def encode(task: str, tokenizer, items: Sequence, max_seq: int, truncation: bool
     """Tokenize `items` in one batched call, without padding; one Encoded per item.
 
     An item longer than `max_seq` tokens is cut to it when `truncation` (for question-answering only the
-    context is cut), else BadInput names the limit.
+    context is cut), else BadInput names the limit. Calls the Rust tokenizer under the transformers one
+    directly and builds each token array as a view into one array per batch: transformers' Python wrapper and
+    per-item list conversions cost more CPU than the tokenizing itself.
     """
     spec = get(task)
     if not items:
         return []
-    kwargs: dict[str, Any] = dict(padding=False, return_attention_mask=True, return_token_type_ids=True)
-    if truncation:
-        kwargs.update(truncation="only_second" if spec.pair else True, max_length=max_seq)
+    backend = _backend(tokenizer, max_seq if truncation else None, spec.pair)
     if spec.pair:
-        kwargs.update(return_offsets_mapping=True)
         try:
-            enc = tokenizer([it.question for it in items], [it.context for it in items], **kwargs)
-        except Exception as e:  # the fast tokenizer refuses when the question alone is over max_length
+            encodings = backend.encode_batch([(it.question, it.context) for it in items])
+        except Exception as e:  # the tokenizer refuses when the question alone is over max_length
             raise BadInput(f"inputs: question too long for the largest sequence bucket ({max_seq} tokens): {e}") \
                 from None
     else:
-        enc = tokenizer(list(items), **kwargs)
-    names = [n for n in TOKEN_INPUTS if n in enc]
-    out = []
-    for i in range(len(items)):
-        length = len(enc["input_ids"][i])
+        encodings = backend.encode_batch_fast(list(items))      # no character offsets: nothing decodes them
+    lengths = [len(e) for e in encodings]
+    for i, length in enumerate(lengths):
         if length > max_seq:
             raise BadInput(f"inputs[{i}]: {length} tokens, longer than the largest sequence bucket ({max_seq}); "
                            "shorten the text or enable truncation for this model")
-        item = Encoded({n: np.asarray(enc[n][i], dtype=np.int64) for n in names}, length)
+    total = sum(lengths)
+    ends = np.cumsum(lengths).tolist()
+    ids = {"input_ids": _flat(encodings, "ids", total),
+           "attention_mask": np.ones(total, dtype=np.int64),        # unpadded: every token is real
+           "token_type_ids": _flat(encodings, "type_ids", total)}
+    out = []
+    for i, (length, end) in enumerate(zip(lengths, ends)):
+        item = Encoded({n: a[end - length:end] for n, a in ids.items()}, length)
         if spec.pair:
-            item.offsets = np.asarray(enc["offset_mapping"][i], dtype=np.int64).reshape(length, 2)
-            item.sequence_ids = np.asarray([-1 if s is None else s for s in enc.sequence_ids(i)], dtype=np.int64)
-            item.context = items[i].context
+            item.context, item.encoding = items[i].context, encodings[i]
         out.append(item)
     return out
 
 
-def pad(items: Sequence[Encoded], batch: int, seq: int, input_names: Sequence[str]) -> list[np.ndarray]:
-    """Pack items into zero-padded int64 arrays [batch, seq], one per input name (rows past the items are 0)."""
+def _flat(encodings, field: str, total: int) -> np.ndarray:
+    """One int64 array of every encoding's `field` back to back (each item's array is then a view into it)."""
+    return np.fromiter(chain.from_iterable(getattr(e, field) for e in encodings), np.int64, total)
+
+
+# per transformers tokenizer, its Rust tokenizer set up per (truncation length, pair): a copy, because
+# transformers re-configures the shared one on each of its own calls
+_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BACKENDS_LOCK = threading.Lock()
+
+
+def _backend(tokenizer, max_length: int | None, pair: bool):
+    with _BACKENDS_LOCK:
+        mine = _BACKENDS.setdefault(tokenizer, {})
+        backend = mine.get((max_length, pair))
+        if backend is None:
+            import tokenizers
+
+            backend = tokenizers.Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+            backend.no_padding()
+            if max_length is None:
+                backend.no_truncation()
+            else:
+                backend.enable_truncation(max_length, strategy="only_second" if pair else "longest_first",
+                                          direction=getattr(tokenizer, "truncation_side", "right"))
+            mine[(max_length, pair)] = backend
+        return backend
+
+
+def pad(items: Sequence[Encoded], batch: int, seq: int, input_names: Sequence[str],
+        out: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Pack items into zero-padded int64 arrays [batch, seq], one per input name (rows past the items are 0).
+
+    `out`: arrays of that shape to fill instead of allocating (a copy reuses one set per bucket)."""
     if len(items) > batch:
         raise ValueError(f"{len(items)} items do not fit a batch of {batch}")
-    arrays = [np.zeros((batch, seq), dtype=np.int64) for _ in input_names]
+    if out is None:
+        arrays = [np.zeros((batch, seq), dtype=np.int64) for _ in input_names]
+    else:
+        arrays = out
+        for arr in arrays:
+            arr.fill(0)
     for row, item in enumerate(items):
-        if item.length > seq:
-            raise ValueError(f"item of {item.length} tokens does not fit sequence length {seq}")
+        length = item.length
+        if length > seq:
+            raise ValueError(f"item of {length} tokens does not fit sequence length {seq}")
+        ids = item.ids
         for arr, name in zip(arrays, input_names):
-            if name == "attention_mask" and name not in item.ids:
-                arr[row, :item.length] = 1
-            elif name in item.ids:
-                arr[row, :item.length] = item.ids[name]
+            if name in ids:
+                arr[row, :length] = ids[name]
+            elif name == "attention_mask":
+                arr[row, :length] = 1
             # a name the tokenizer did not produce (token_type_ids for some models) stays 0
     return arrays
 
@@ -180,26 +236,37 @@ def _decode_embedding(manifest, outputs_row, item):
 
 
 def _decode_qa(manifest, outputs_row, item):
-    start_logits, end_logits = (o[:item.length].astype(np.float64) for o in outputs_row)
-    ctx = np.flatnonzero(item.sequence_ids == 1)
-    if ctx.size == 0:
+    sequence_ids = item.encoding.sequence_ids
+    if 1 not in sequence_ids:
         return {"answer": "", "score": 0.0, "start": 0, "end": 0}
-    s, e = start_logits[ctx], end_logits[ctx]
+    # the context's tokens, contiguous: [first, stop)
+    first = sequence_ids.index(1)
+    stop = len(sequence_ids) - sequence_ids[::-1].index(1)
+    s, e = (o[first:stop].astype(np.float64) for o in outputs_row)
     # probabilities over the context tokens, like the HF pipeline's (which masks the question out)
     ps = np.exp(s - s.max())
     ps /= ps.sum()
     pe = np.exp(e - e.max())
     pe /= pe.sum()
-    # span (i, j) over context positions: j >= i, at most MAX_ANSWER_TOKENS tokens (context is contiguous)
-    scores = np.outer(ps, pe)
-    n = ctx.size
-    i, j = np.indices((n, n))
-    scores[(j < i) | (j - i >= MAX_ANSWER_TOKENS)] = -1.0
+    # span (i, j) over context positions: j >= i, at most MAX_ANSWER_TOKENS tokens (context is contiguous);
+    # scores[i, d] = ps[i] * pe[i + d], ends past the context scoring -1 (probabilities never do)
+    width = MAX_ANSWER_TOKENS
+    scores = ps[:, None] * np.append(pe, _NO_END)[_band(stop - first)]
     best = int(np.argmax(scores))
-    bi, bj = divmod(best, n)
-    start = int(item.offsets[ctx[bi], 0])
-    end = int(item.offsets[ctx[bj], 1])
-    return {"answer": item.context[start:end], "score": float(scores[bi, bj]), "start": start, "end": end}
+    bi, d = divmod(best, width)
+    bj = bi + d
+    start = item.encoding.token_to_chars(first + bi)[0]
+    end = item.encoding.token_to_chars(first + bj)[1]
+    return {"answer": item.context[start:end], "score": float(scores[bi, d]), "start": start, "end": end}
+
+
+_NO_END = np.full(MAX_ANSWER_TOKENS - 1, -1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _band(n: int) -> np.ndarray:
+    """[n, MAX_ANSWER_TOKENS] indices i + d: the ends a span starting at i can have (past n: the -1 padding)."""
+    return np.arange(n)[:, None] + np.arange(MAX_ANSWER_TOKENS)
 
 
 # ---------------------------------------------------------------- the modules compile traces

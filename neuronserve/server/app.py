@@ -33,16 +33,18 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
+from starlette.routing import Route
 
 from neuronserve import __version__, tasks
 from neuronserve.config import parse_core_list
 from neuronserve.errors import ConfigError, NeuronserveError
 from neuronserve.server.batcher import ServeError
 from neuronserve.server.model import ServedModel
-from neuronserve.server.protocol import HEADER_LENGTH, ProtocolError, TaskRequest, encode_response, \
-    parse_infer_request, parse_json
+from neuronserve.server.protocol import HEADER_LENGTH, InferRequest, ProtocolError, TaskRequest, encode_response, \
+    parse_infer_request
 from neuronserve.server.settings import ServerSettings
 
 log = logging.getLogger("neuronserve.server")
@@ -60,9 +62,8 @@ class JSONResponse(Response):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after)} if retry_after else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
 
 
 def create_app(settings: ServerSettings | None = None, *, load=None) -> FastAPI:
@@ -113,15 +114,6 @@ def _pin(settings: ServerSettings) -> None:
     torch.set_num_threads(settings.threads)
 
 
-async def _client_gone(request: Request) -> None:
-    """Returns once the client closed the connection (the body was read already: the next message is that)."""
-    try:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-    except Exception:   # a receive that fails has lost its connection too
-        pass
-
-
 def build_app(model: ServedModel) -> FastAPI:
     settings, manifest = model.settings, model.manifest
     spec = tasks.get(model.task)
@@ -137,8 +129,8 @@ def build_app(model: ServedModel) -> FastAPI:
         finally:
             model.close()
 
-    app = FastAPI(title="neuronserve", version=__version__, lifespan=lifespan, default_response_class=JSONResponse,
-                  docs_url=None, redoc_url=None)
+    app = App(title="neuronserve", version=__version__, lifespan=lifespan, default_response_class=JSONResponse,
+              docs_url=None, redoc_url=None)
     app.state.model = model
 
     def lookup(name: str, version: str | None = None) -> ServedModel:
@@ -147,26 +139,6 @@ def build_app(model: ServedModel) -> FastAPI:
         if version not in (None, VERSION):
             raise ServeError(404, f"unknown version {version!r} of {name!r}; it has version {VERSION}")
         return model
-
-    async def answered(handler, *args) -> Response:
-        """Run an inference handler: errors become their status + message, and every answer is counted."""
-        t0 = time.monotonic()
-        model.metrics.in_flight.inc()
-        try:
-            response = await handler(t0, *args)
-        except ServeError as e:
-            response = error(e.status, str(e), e.retry_after)
-        except ProtocolError as e:
-            response = error(400, str(e))
-        except tasks.BadInput as e:
-            response = error(422, str(e))
-        except Exception as e:  # a bug: answer, log the traceback, keep the worker
-            log.exception("unexpected error")
-            response = error(500, f"internal error: {type(e).__name__}: {e}")
-        finally:
-            model.metrics.in_flight.dec()
-        model.metrics.request(response.status_code, time.monotonic() - t0)
-        return response
 
     # ---------------------------------------------------------------- health and metadata
 
@@ -221,10 +193,12 @@ def build_app(model: ServedModel) -> FastAPI:
         return Response(model.metrics.render(), media_type=model.metrics.content_type)
 
     # ---------------------------------------------------------------- inference
+    # Raw ASGI routes: the hot path skips FastAPI's dependency solving and Request/Response objects (about half
+    # the event loop's CPU per request); `_document` puts them in /openapi.json all the same.
 
-    async def infer_v2(t0: float, request: Request, name: str, version: str | None) -> Response:
+    async def infer_v2(t0: float, scope, body: bytes, name: str, version: str | None, disconnected) -> Answer:
         lookup(name, version)
-        req, tensors = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
+        req, tensors = parse_infer_request(body, _header(scope, HEADER_LENGTH))
         text = {n: t for n, t in tensors.items() if t.dtype == object}
         if text and len(text) != len(tensors):
             raise ProtocolError("send either text (BYTES) or token tensors (INT64), not both")
@@ -239,7 +213,7 @@ def build_app(model: ServedModel) -> FastAPI:
         else:
             items = model.tensor_items(tensors)
         work = await model.infer(items, decode=bool(text), deadline=t0 + settings.timeout_s,
-                                 disconnected=lambda: _client_gone(request))
+                                 disconnected=disconnected)
         outputs = model.outputs(work)
         if text:
             answers = np.empty(len(work.answers), dtype=object)
@@ -247,31 +221,182 @@ def build_app(model: ServedModel) -> FastAPI:
             outputs[ANSWER] = answers
         body, headers = encode_response(model.name, VERSION, req.id, {n: outputs[n] for n in wanted},
                                         req.binary_outputs())
-        media = "application/octet-stream" if headers else "application/json"
-        return Response(body, media_type=media, headers=headers)
+        if headers:
+            return 200, body, OCTET_STREAM, [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        return 200, body, APPLICATION_JSON, []
 
-    async def infer_task(t0: float, request: Request, name: str) -> Response:
+    async def infer_task(t0: float, scope, body: bytes, name: str, version: None, disconnected) -> Answer:
         lookup(name)
-        req = parse_json(await request.body(), TaskRequest)
-        items = await model.tokenize(tasks.parse_inputs(model.task, req.inputs))
-        work = await model.infer(items, decode=True, deadline=t0 + settings.timeout_s,
-                                 disconnected=lambda: _client_gone(request))
-        return JSONResponse(work.answers if isinstance(req.inputs, list) else work.answers[0])
+        inputs = _task_inputs(body)
+        items = await model.tokenize(tasks.parse_inputs(model.task, inputs))
+        work = await model.infer(items, decode=True, deadline=t0 + settings.timeout_s, disconnected=disconnected)
+        answers = work.answers if isinstance(inputs, list) else work.answers[0]
+        return 200, orjson.dumps(answers, option=orjson.OPT_SERIALIZE_NUMPY), APPLICATION_JSON, []
 
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer(request: Request, name: str, version: str | None = None):
-        return await answered(infer_v2, request, name, version)
+    def route(handler):
+        """An ASGI app running `handler`: errors become their status + {"error": message}, every answer is
+        counted and timed, and the in-flight gauge covers the request from its first byte to its answer."""
+        async def asgi(scope, receive, send) -> None:
+            t0 = time.monotonic()
+            model.metrics.in_flight.inc()
+            try:
+                params = scope["path_params"]
+                body = await _body(receive)
+                answer = await handler(t0, scope, body, params.get("name", model.name), params.get("version"),
+                                       None)
+            except ServeError as e:
+                answer = _error(e.status, str(e), e.retry_after)
+            except ProtocolError as e:
+                answer = _error(400, str(e))
+            except tasks.BadInput as e:
+                answer = _error(422, str(e))
+            except Exception as e:  # a bug: answer, log the traceback, keep the worker
+                log.exception("unexpected error")
+                answer = _error(500, f"internal error: {type(e).__name__}: {e}")
+            finally:
+                model.metrics.in_flight.dec()
+            status, body, content_type, headers = answer
+            model.metrics.request(status, time.monotonic() - t0)
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(body)),
+                                    *headers]})
+            await send({"type": "http.response.body", "body": body})
 
-    @app.post("/models/{name}")
-    async def task_json(request: Request, name: str):
-        return await answered(infer_task, request, name)
+        return asgi
 
-    @app.post("/")
-    async def task_json_default(request: Request):
-        return await answered(infer_task, request, model.name)
-
+    hot = [("/v2/models/{name}/infer", infer_v2), ("/v2/models/{name}/versions/{version}/infer", infer_v2),
+           ("/models/{name}", infer_task), ("/", infer_task)]
+    app.hot = [RawRoute(path, route(handler)) for path, handler in hot]
+    app.router.routes.extend(app.hot)       # also there: a GET on them is a 405, as for any POST route
+    app.openapi = lambda: _document(app, [path for path, _ in hot])
     return app
+
+
+class App(FastAPI):
+    """FastAPI, with the inference routes (`hot`) dispatched before its middleware, telemetry check and router:
+    on a small model these cost as much event-loop CPU as the rest of the request."""
+
+    hot: list[RawRoute] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            for route in self.hot:
+                match = route.path_regex.match(path)
+                if match:
+                    scope["app"] = self
+                    scope["path_params"] = match.groupdict()
+                    return await route.app(scope, receive, send)
+        await super().__call__(scope, receive, send)
+
+
+class RawRoute(Route):
+    """POST `path` served by `asgi`, an ASGI function (Starlette would wrap a function as request -> response)."""
+
+    def __init__(self, path: str, asgi):
+        super().__init__(path, asgi, methods=["POST"])
+        self.app = asgi
+
+
+# (status, body, content-type, extra headers) of a hot route's answer
+Answer = tuple[int, bytes, bytes, list]
+APPLICATION_JSON, OCTET_STREAM = b"application/json", b"application/octet-stream"
+
+
+def _error(status: int, message: str, retry_after: int | None = None) -> Answer:
+    headers = [(b"retry-after", str(retry_after).encode())] if retry_after else []
+    return status, orjson.dumps({"error": message}), APPLICATION_JSON, headers
+
+
+async def _body(receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ServeError(499, "client disconnected")
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _client_gone(receive) -> None:
+    """Returns once the client closed the connection (the body was read already: the next message is that)."""
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception:   # a receive that fails has lost its connection too
+        pass
+
+
+def _header(scope, name: str) -> str | None:
+    key = name.encode()
+    for k, v in scope["headers"]:
+        if k == key:
+            return v.decode("latin-1")
+    return None
+
+
+TASK_KEYS = ("inputs", "parameters", "options")
+
+
+def _task_inputs(body: bytes):
+    """The `inputs` of a task JSON body (TaskRequest), checked by hand: a pydantic model per request costs more
+    than the rest of the route."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise ProtocolError(f"malformed JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"invalid request: body: expected a JSON object, got {_json_type(data)}")
+    problems = [f"{k}: not a field (only {', '.join(TASK_KEYS)})" for k in data if k not in TASK_KEYS]
+    if "inputs" not in data:
+        problems.append("inputs: field required")
+    problems += [f"{k}: expected an object, got {_json_type(data[k])}" for k in TASK_KEYS[1:]
+                 if data.get(k) is not None and not isinstance(data[k], dict)]
+    if problems:
+        raise ProtocolError(f"invalid request: {'; '.join(problems)}")
+    return data["inputs"]
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _document(app: FastAPI, hot: list[str]) -> dict:
+    """FastAPI's OpenAPI schema plus the raw inference routes: path parameters and the JSON body each parses
+    (binary KServe bodies are the same JSON followed by raw tensors)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    ref = "#/components/schemas/{model}"
+    for body in (InferRequest, TaskRequest):
+        doc = body.model_json_schema(ref_template=ref)
+        components.update(doc.pop("$defs", {}))
+        components[body.__name__] = doc
+    for path in hot:
+        v2 = path.endswith("/infer")
+        names = [p for p in ("name", "version") if "{%s}" % p in path]
+        body = InferRequest if v2 else TaskRequest
+        schema["paths"].setdefault(path, {})["post"] = {
+            "summary": "KServe v2 inference" if v2 else "Hugging Face task inference",
+            "operationId": "infer_" + "_".join(["v2" if v2 else "task"] + names),
+            "parameters": [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in names]
+            + ([{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+                 "schema": {"type": "string"}}] if v2 else []),
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "$ref": ref.format(model=body.__name__)}}}},
+            "responses": {code: {"description": what} for code, what in RESPONSES.items()},
+        }
+    app.openapi_schema = schema
+    return schema
+
+
+RESPONSES = {"200": "the answers", "400": "malformed request", "404": "unknown model or version",
+             "413": "more items than the queue holds", "422": "input the model cannot take",
+             "499": "the client disconnected", "503": "not ready or queue full (Retry-After)",
+             "504": "no answer within timeout_s"}
 
 
 def _texts(text: dict[str, np.ndarray], pair: bool) -> list:

@@ -141,24 +141,23 @@ class ServedModel:
         client gone. `deadline` is a time.monotonic() value; `disconnected` returns once the client left."""
         if not self.ready:
             raise ServeError(503, f"{self.name} is not ready: {self.reason}", retry_after=5)
-        work = Work(items, self._loop.create_future(), decode=decode)
+        future = self._loop.create_future()
+        work = Work(items, future, decode=decode)
         self.batcher.submit(work)
-        watcher = asyncio.ensure_future(disconnected()) if disconnected else None
+        # one awaited future, ended by the copies, the deadline or the watcher, whichever comes first
+        timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), _end, future, ServeError(
+            504, f"no answer within {self.settings.timeout_s:g} s (timeout_s)"))
+        watcher = None
+        if disconnected is not None:
+            watcher = asyncio.ensure_future(disconnected())
+            watcher.add_done_callback(lambda w: w.cancelled() or _end(future, ServeError(499, "client disconnected")))
         try:
-            waits = {work.future, watcher} if watcher else {work.future}
-            await asyncio.wait(waits, timeout=max(0.0, deadline - time.monotonic()),
-                               return_when=asyncio.FIRST_COMPLETED)
+            return await future
         finally:    # also when this handler itself is cancelled
-            if watcher:
+            timer.cancel()
+            if watcher is not None:
                 watcher.cancel()
-            if not work.future.done():
-                work.cancelled = True    # copies skip what is still queued
-                work.future.cancel()
-        if not work.future.cancelled():
-            return work.future.result()
-        if watcher is not None and watcher.done() and not watcher.cancelled():
-            raise ServeError(499, "client disconnected")
-        raise ServeError(504, f"no answer within {self.settings.timeout_s:g} s (timeout_s)")
+            work.cancelled = True    # copies skip what is still queued
 
     def outputs(self, work: Work) -> dict[str, np.ndarray]:
         """The raw outputs as [n, ...] arrays by output name; per-token rows of different lengths are
@@ -236,6 +235,11 @@ class TokenizerThread:
             except Exception as e:
                 out.append(e)
         return out
+
+
+def _end(future: asyncio.Future, error: ServeError) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 def _settle(jobs: list, results: list) -> None:

@@ -126,17 +126,13 @@ def test_over_long_text_is_truncated_to_the_largest_bucket(stack, pids):
     np.testing.assert_allclose(long, short, atol=1e-5)
 
 
-def test_workers_are_alive_and_ready_after_it_all(stack, pids, basetemp):
+def test_workers_are_alive_and_ready_after_it_all(stack, pids, tmp_path_factory):
     for url in stack.group_urls.values():
         assert httpx.get(url + "/v2/health/ready", timeout=10).status_code == 200
         assert httpx.post(url + TASK, json={"inputs": "still fine"}, timeout=30).status_code == 200
     for group in stack.group_urls:
         assert "Traceback" not in stack.log_path(group).read_text(errors="replace")
-    record(basetemp, "bad_input", {"requests": len(SENT), "server_errors": sum(c >= 500 for c in SENT),
-                                   "statuses": {str(c): SENT.count(c) for c in sorted(set(SENT))}})
+    record(tmp_path_factory.getbasetemp(), "bad_input", {
+        "requests": len(SENT), "server_errors": sum(c >= 500 for c in SENT),
+        "statuses": {str(c): SENT.count(c) for c in sorted(set(SENT))}})
     assert not any(c >= 500 for c in SENT)
-
-
-@pytest.fixture(scope="module")
-def basetemp(tmp_path_factory):
-    return tmp_path_factory.getbasetemp()

@@ -3,7 +3,7 @@
 Fixtures:
 - `model_repo`, `stack_factory`: the e2e ones (tests/e2e/conftest.py, loaded by faultkit), so a stack here is
   built exactly like an e2e stack.
-- `basetemp`: where fault-figures.json collects the figures of the run.
+- `basetemp`: where fault-figures.json collects the figures of the run; they are printed in the summary.
 
 Every test in this directory is marked `e2e`.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import e2e_stack
+from faultkit import FIGURES, e2e_stack
 
 FAULTS_DIR = Path(__file__).parent
 
@@ -31,3 +31,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def basetemp(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    factory = getattr(config, "_tmp_path_factory", None)
+    path = factory.getbasetemp() / FIGURES if factory else None
+    if path and path.exists():
+        terminalreporter.write_sep("-", f"fault figures ({path})")
+        terminalreporter.write_line(path.read_text().rstrip())

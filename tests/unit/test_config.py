@@ -183,3 +183,52 @@ def check_loads_or_explains(tmp_path: Path, text: str) -> None:
         assert "Traceback" not in msg and msg.strip()
     else:
         assert isinstance(cfg, config.Config)
+
+
+# ---------------------------------------------------------------- fuzz: a valid config never breaks what reads it
+# load() accepting a value is not enough: the planner, the renderer (nginx takes some values unquoted) and
+# `up`/`doctor` (which parse nginx.listen) must take it too, or refuse it with a NeuronserveError.
+
+LISTENS = st.one_of(st.text(string.printable, max_size=24),
+                    st.sampled_from(["8080", "0.0.0.0:8080", "[::]:8080", "localhost:80", "*:8080", "0:0", "x:65536",
+                                     "127.0.0.1:80; include /etc/shadow", "[::1]:99999", "a b:80", ":80", "8080:"]))
+NGINX = st.fixed_dictionaries({}, optional={
+    "listen": LISTENS, "client_max_body_size": st.sampled_from(["1m", "0", "64k", "1g", "1 m", "-1m"]),
+    "keepalive": st.integers(-1, 5000), "max_fails": st.integers(-1, 10), "fail_timeout_s": st.integers(-1, 10),
+    "rate_limit": st.sampled_from(["10r/s", "1r/m", "0r/s", "10r/h", "fast"]),
+    "rate_limit_burst": st.integers(-1, 100)})
+SERVER = st.fixed_dictionaries({"backend": st.just("cpu")}, optional={
+    "base_port": st.integers(0, 70000), "timeout_s": st.floats(0, 5000, allow_nan=False),
+    "graceful_timeout_s": st.floats(0, 5000, allow_nan=False), "log_level": st.sampled_from(["info", "loud"])})
+MODEL = st.fixed_dictionaries({"task": st.just("feature-extraction"), "source": st.just("/srv/m")}, optional={
+    "groups": st.one_of(st.integers(0, 3), st.just("all")), "copies": st.integers(0, 3),
+    "batch_sizes": st.lists(st.integers(-1, 64), max_size=3), "sequence_lengths": st.lists(st.integers(-1, 512),
+                                                                                            max_size=3)})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(server=SERVER, nginx=NGINX, model=MODEL)
+def test_fuzz_valid_configs_plan_and_render_or_explain(tmp_path, server, nginx, model):
+    from neuronserve.devices import cpu
+    from neuronserve.errors import NeuronserveError
+    from neuronserve.layout import Layout
+    from neuronserve.plan import make_plan
+    from neuronserve.render import render_files
+    from neuronserve.up import front_url_for
+
+    p = write(tmp_path, _toml({"server": server, "nginx": nginx, "models": {"m": model}}))
+    try:
+        cfg = config.load(p, dropins=False)
+    except ConfigError as e:
+        assert str(e).startswith(str(p)), e
+        return
+    try:
+        plan = make_plan(cfg, cpu.discover(affinity={0, 1}), python=sys.executable)
+        files = render_files(plan, Layout(tmp_path / "root", cfg))
+    except NeuronserveError as e:
+        assert str(e).strip() and "Traceback" not in str(e)
+        return
+    front = next(text for path, text in files.items() if path.suffix == ".conf" and "upstream" in text)
+    assert f"listen {cfg.nginx.listen};" in front
+    port = int(front_url_for(cfg.nginx.listen).rsplit(":", 1)[1])
+    assert 1 <= port <= 65535
