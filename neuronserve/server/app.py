@@ -243,7 +243,7 @@ def build_app(model: ServedModel) -> FastAPI:
                 params = scope["path_params"]
                 body = await _body(receive)
                 answer = await handler(t0, scope, body, params.get("name", model.name), params.get("version"),
-                                       None)
+                                       lambda: _client_gone(receive))
             except ServeError as e:
                 answer = _error(e.status, str(e), e.retry_after)
             except ProtocolError as e:

@@ -32,7 +32,10 @@ import pytest
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "container.sh"
-VENV = Path(sys.prefix)
+CHECKOUT = HERE.parents[1]
+# where the container's units find neuronserve and its dependencies (see runtime_seed)
+RUNTIME = Path("/opt/neuronserve-test")
+PYTHON = str(RUNTIME / "venv" / "bin" / "python")
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOME_DIRS = ("/root", "/home", "/run/user")
 # host services enabled on the CI image that would only cost CPU in the container
@@ -50,7 +53,7 @@ def skip_reason() -> str | None:
     if not (Path("/sys/fs/cgroup/cgroup.controllers").exists() or Path("/sys/fs/cgroup/systemd").is_dir()):
         return "no cgroup hierarchy that systemd can run in"
     if Path(sys.prefix) == Path(sys.base_prefix):
-        return "the tests must run from a virtualenv (the container runs neuronserve from it)"
+        return "the tests must run from a virtualenv (the container runs neuronserve from its site-packages)"
     return None
 
 
@@ -73,28 +76,36 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return out
 
 
-def venv_seed(seed: Path) -> str | None:
-    """Re-point the venv at the system python3 in the container when its own interpreter lives under a home.
+def runtime_seed(seed: Path) -> tuple[str | None, list[str]]:
+    """Give the container a neuronserve environment its units can reach: (why not, else None; nspawn args).
 
-    Returns why it cannot be done (then the test is skipped), else None.
+    The checkout may lie under /tmp (hidden from the units by PrivateTmp=, and by nspawn's own /tmp) or a home
+    (ProtectHome=), and the venv's interpreter may be a pyenv build under /root. So the container gets a venv
+    shell at RUNTIME whose python is an interpreter outside those places, and whose .pth names the checkout
+    and the host venv's site-packages, bind-mounted read-only beside it. Only .pth files in the shell's own
+    site-packages are read, so the host's editable-install hook (which points into the checkout's old path)
+    never runs there.
     """
-    base = Path(sys.base_prefix)
-    if not any(str(base) == h or str(base).startswith(h + "/") for h in HOME_DIRS):
-        return None
     version = sysconfig.get_python_version()
-    system = Path(f"/usr/bin/python{version}")
-    if not system.exists():
-        return (f"the venv's interpreter is under {base}, which the units cannot reach, and there is no "
-                f"{system} of the same version to use in its place")
-    bindir = seed / VENV.relative_to("/") / "bin"
-    bindir.mkdir(parents=True)
+    base = Path(os.path.realpath(sys._base_executable))
+    hidden = HOME_DIRS + ("/tmp", "/var/tmp")
+    if any(str(base).startswith(h + "/") for h in hidden):
+        base = Path(f"/usr/bin/python{version}")
+        if not base.exists():
+            return (f"the venv's interpreter is under a home or /tmp, which the units cannot reach, and there is "
+                    f"no {base} of the same version to use in its place"), []
+    shell = seed / RUNTIME.relative_to("/")
+    site = shell / "venv" / "lib" / f"python{version}" / "site-packages"
+    site.mkdir(parents=True)
     for name in ("python", "python3", f"python{version}"):
-        (bindir / name).symlink_to(system)
-    cfg = (VENV / "pyvenv.cfg").read_text().splitlines()
-    lines = [f"home = {system.parent}" if line.startswith("home") else line for line in cfg
-             if not line.startswith(("executable", "command"))]
-    (seed / VENV.relative_to("/") / "pyvenv.cfg").write_text("\n".join(lines) + "\n")
-    return None
+        (shell / "venv" / "bin" / name).parent.mkdir(parents=True, exist_ok=True)
+        (shell / "venv" / "bin" / name).symlink_to(base)
+    (shell / "venv" / "pyvenv.cfg").write_text(f"home = {base.parent}\ninclude-system-site-packages = false\n"
+                                               f"version = {sysconfig.get_config_var('py_version')}\n")
+    (site / "neuronserve-test.pth").write_text(f"{RUNTIME}/src\n{RUNTIME}/site\n")
+    (shell / "src").mkdir()
+    (shell / "site").mkdir()
+    return None, [f"--bind-ro={CHECKOUT}:{RUNTIME}/src", f"--bind-ro={sysconfig.get_paths()['purelib']}:{RUNTIME}/site"]
 
 
 class Container:
@@ -105,6 +116,8 @@ class Container:
         self.proc: subprocess.Popen | None = None
         self.leader: int | None = None
         self.log = state / "container.log"
+        self.nspawn_args: list[str] = []
+        self.python = PYTHON            # the interpreter that runs neuronserve in the container
 
     # ---------------------------------------------------------------- life cycle
 
@@ -113,7 +126,7 @@ class Container:
             link = self.seed / "etc/systemd/system" / unit
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to("/dev/null")
-        self.proc = subprocess.Popen(["bash", str(SCRIPT), str(self.state), *nspawn_args],
+        self.proc = subprocess.Popen(["bash", str(SCRIPT), str(self.state), *self.nspawn_args, *nspawn_args],
                                      stdin=subprocess.DEVNULL, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
                                      preexec_fn=_die_with_parent)
         deadline = time.monotonic() + BOOT_TIMEOUT_S
@@ -190,7 +203,7 @@ def container(tmp_path_factory):
     mine = Path("/proc/self/cgroup").read_text()
     state = tmp_path_factory.mktemp(f"nspawn-{uuid.uuid4().hex[:6]}")
     box = Container(state)
-    why = venv_seed(box.seed)
+    why, box.nspawn_args = runtime_seed(box.seed)
     if why:
         pytest.skip(why)
     try:

@@ -18,7 +18,6 @@ import pytest
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow]
 
-NEURONSERVE = str(Path(sys.prefix) / "bin" / "neuronserve")
 LOAD = Path(__file__).parent / "load.py"
 CONFIG = "/etc/neuronserve/neuronserve.toml"
 REPO = "/var/lib/neuronserve/models"
@@ -34,7 +33,6 @@ def config_text(delay_ms: float) -> str:
 [server]
 backend = "cpu"
 model_repository = "{REPO}"
-python = "{Path(sys.prefix) / 'bin' / 'python'}"
 graceful_timeout_s = 10
 [nginx]
 listen = "127.0.0.1:8080"
@@ -76,7 +74,7 @@ def box(container, tiny_model_dir, tmp_path_factory):
 
 
 def neuronserve(box, *args, timeout=400, check=True):
-    return box.run([NEURONSERVE, *args, "--config", CONFIG], timeout=timeout, check=check)
+    return box.run([box.python, "-m", "neuronserve", *args, "--config", CONFIG], timeout=timeout, check=check)
 
 
 def prop(box, unit: str, name: str) -> str:
