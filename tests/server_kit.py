@@ -97,7 +97,7 @@ class Gunicorn:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-k", "uvicorn_worker.UvicornWorker", "-w", "1", "--no-control-socket",
-             "-b", f"127.0.0.1:{self.port}", "--timeout", "300", "--graceful-timeout", "5", APP],
+             "-b", f"127.0.0.1:{self.port}", "--timeout", "300", "--graceful-timeout", "30", APP],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def log(self) -> str:
