@@ -39,7 +39,7 @@ def sample_arrays(model_dir: Path, payload: dict, batch: int, seq: int):
     """Every row the tokenized `payload` (a request's `inputs`), padded to [batch, seq] like the server does."""
     from neuronserve import tasks
     from neuronserve.artifact import read_manifest
-    from neuronserve.server.model import load_tokenizer
+    from neuronserve.tasks import load_tokenizer
 
     manifest = read_manifest(model_dir, verify=False)
     tokenizer = load_tokenizer(model_dir / manifest.tokenizer)

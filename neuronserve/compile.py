@@ -221,12 +221,7 @@ def _load(source: Path, spec: tasks.Task, attn_implementation: str):
         architectures = ", ".join(config.architectures or ["unknown"])
         raise ArtifactError(f"{source}: has no trained {spec.name} head (the checkpoint lacks "
                             f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; it is a {architectures})")
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(source), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{source}: cannot load the tokenizer: {e}") from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise ArtifactError(f"{source}: needs a fast tokenizer (tokenizer.json); the serving path batches with it")
+    tokenizer = tasks.load_tokenizer(source, fix="convert it to a fast tokenizer (tokenizer.json) first")
     return tokenizer, model.float().eval()
 
 

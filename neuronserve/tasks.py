@@ -91,6 +91,22 @@ def _qa_item(value: Any, where: str) -> QAItem:
     return QAItem(_text(value["question"], f"{where}.question"), _text(value["context"], f"{where}.context"))
 
 
+def load_tokenizer(path, *, fix: str = "recompile the model"):
+    """The fast tokenizer in `path`, offline. `fix` ends the error message: what the user should do."""
+    import transformers
+
+    from neuronserve.errors import ArtifactError
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: cannot load the tokenizer: {e}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        # the serving path batches with the Rust tokenizer
+        raise ArtifactError(f"{path}: not a fast tokenizer (no tokenizer.json); {fix}")
+    return tokenizer
+
+
 def parse_inputs(task: str, payload_inputs: Any) -> list:
     """Turn a request's `inputs` into a list of items. Raises BadInput with a message for the client.
 

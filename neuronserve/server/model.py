@@ -25,18 +25,6 @@ from neuronserve.server.settings import ServerSettings
 log = logging.getLogger("neuronserve.server")
 
 
-def load_tokenizer(path):
-    import transformers
-
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path}: cannot load the tokenizer: {e}") from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise ArtifactError(f"{path}: not a fast tokenizer (no tokenizer.json); recompile the model")
-    return tokenizer
-
-
 class ServedModel:
     """Raises ArtifactError (with what to do) when the artifact is missing, damaged or for another backend."""
 
@@ -48,7 +36,7 @@ class ServedModel:
             raise ArtifactError(f"{settings.model_dir}: the manifest has no warm-up answer to check; "
                                 "recompile with this neuronserve")
         self.task = manifest.task
-        self.tokenizer = load_tokenizer(settings.model_dir / manifest.tokenizer)
+        self.tokenizer = tasks.load_tokenizer(settings.model_dir / manifest.tokenizer)
         self.vocab_size = len(self.tokenizer)
         self.metrics = Metrics(settings.model, settings.group)
         self.batcher = Batcher([(b.batch, b.seq) for b in manifest.buckets], max_queue=settings.max_queue,

@@ -12,7 +12,8 @@ import torch
 
 from neuronserve import tasks
 from neuronserve.server.batcher import Batcher, ServeError, Work
-from neuronserve.server.model import ServedModel, load_tokenizer
+from neuronserve.server.model import ServedModel
+from neuronserve.tasks import load_tokenizer
 from server_kit import GatedLoader, compiled, settings_for
 
 TASK = "text-classification"
