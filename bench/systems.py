@@ -17,9 +17,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from bench import wrk
+from neuronserve import scrape
 from neuronserve.up import free_port_block
 
 from bench.baseline_server import COPIES, Baseline, request_path
@@ -146,14 +145,9 @@ max_queue = 1024
         batches = fill = items = 0.0
         for url in self.stack.group_urls.values():
             _, text = _request("GET", url + "/metrics", timeout=30)
-            for family in text_string_to_metric_families(text.decode()):
-                for s in family.samples:
-                    if s.name == "neuronserve_batch_size_count":
-                        batches += s.value
-                    elif s.name == "neuronserve_batch_size_sum":
-                        items += s.value
-                    elif s.name == "neuronserve_batch_fill_sum":
-                        fill += s.value
+            c = scrape.parse(text.decode())
+            # each executed batch observes batch_fill once and adds its items to inferences_total
+            batches, fill, items = batches + c.fill_count, fill + c.fill_sum, items + c.inferences
         return batches, fill, items
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from neuronserve import render
+from neuronserve.config import format_core_list
 from neuronserve.devices import Holder
 from neuronserve.errors import ServiceError
 from neuronserve.layout import Layout
@@ -208,7 +209,7 @@ class Applier:
             if not held:
                 return
             if self.clock() > deadline:
-                who = "; ".join(f"PID {h.pid} ({h.command}, {h.why}) holds core(s) {','.join(map(str, h.cores))}"
+                who = "; ".join(f"PID {h.pid} ({h.command}, {h.why}) holds core(s) {format_core_list(h.cores)}"
                                 for h in held)
                 raise ServiceError(f"{g.unit} stopped but its cores are still held: {who}. Stop that process, "
                                    "then run `neuronserve apply` again")

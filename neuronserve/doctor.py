@@ -25,6 +25,7 @@ from neuronserve.devices import BACKENDS, Host, discover_host, run_tool
 from neuronserve.devices import neuron as neuron_devices
 from neuronserve.errors import ArtifactError, ConfigError, DeviceError, PlanError
 from neuronserve.plan import APP, Plan, make_plan
+from neuronserve.status import unit_of
 
 Status = Literal["ok", "warn", "fail"]
 UDEV_RULE = 'SUBSYSTEM=="neuron*", KERNEL=="neuron*", GROUP="neuron", MODE="0660"'
@@ -318,12 +319,9 @@ def _cmdline(pid_dir: Path) -> str:
 
 
 def _unit_of(pid: int, probes: Probes) -> str | None:
-    try:
-        text = probes.path(f"/proc/{pid}/cgroup").read_text()
-    except OSError:
-        return None
-    m = re.search(r"(neuronserve-[A-Za-z0-9_.@-]+\.service)", text)
-    return m.group(1) if m else None
+    """The neuronserve-*.service the process runs in, or None."""
+    unit = unit_of(pid, probes.path("/proc"))
+    return unit if unit is not None and unit.startswith("neuronserve-") else None
 
 
 def _is_neuronserve(pid: int, cmdline: str, probes: Probes) -> bool:

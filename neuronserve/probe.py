@@ -4,7 +4,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 
-IN_FLIGHT_METRIC = "neuronserve_requests_in_flight"
+from neuronserve import scrape
 
 
 class Probe:
@@ -32,8 +32,4 @@ class Probe:
     def in_flight(self, port: int) -> float | None:
         """Requests the group is working on, or None when it does not export the gauge (or is unreachable)."""
         text = self.metrics(port)
-        if text is None:
-            return None
-        values = [float(line.rsplit(None, 1)[-1]) for line in text.splitlines()
-                  if line.startswith(IN_FLIGHT_METRIC) and not line.startswith("#")]
-        return sum(values) if values else None
+        return None if text is None else scrape.parse(text).in_flight

@@ -2,7 +2,8 @@
 
 The server exports, labelled model and group (see the server's metrics): neuronserve_requests_total{code},
 neuronserve_request_duration_seconds (histogram), neuronserve_queue_depth, neuronserve_batch_fill
-(histogram), neuronserve_busy_seconds_total{copy}, neuronserve_inferences_total, neuronserve_ready.
+(histogram), neuronserve_busy_seconds_total{copy}, neuronserve_inferences_total, neuronserve_requests_in_flight,
+neuronserve_ready.
 Counters only mean something as a difference between two scrapes: `rates(before, after)`.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Counters:
     busy_seconds: float = 0.0                   # summed over copies
     copies: int = 0
     inferences: float = 0.0
+    in_flight: float | None = None
     ready: float | None = None
 
 
@@ -61,6 +63,8 @@ def parse(text: str) -> Counters:
                 busy_copies.add((labels.get("group"), labels.get("copy")))
             elif name == "inferences_total":
                 c.inferences += value
+            elif name == "requests_in_flight":
+                c.in_flight = (c.in_flight or 0.0) + value
             elif name == "ready":
                 c.ready = min(value, c.ready) if c.ready is not None else value
     c.requests_by_code = dict(by_code)

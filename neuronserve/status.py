@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from neuronserve import scrape
+from neuronserve.config import format_core_list
 from neuronserve.devices import Holder
 from neuronserve.plan import Plan
 from neuronserve.probe import Probe
@@ -132,7 +133,7 @@ def as_text(status: Status) -> str:
         lines.append("core holders (neuron-ls):")
         for h in status.holders:
             mark = "STALE" if h.stale else "ok"
-            lines.append(f"  {mark:<5} PID {h.pid:<8} cores {','.join(map(str, h.cores)):<10} {h.why}: {h.command}")
+            lines.append(f"  {mark:<5} PID {h.pid:<8} cores {format_core_list(h.cores):<10} {h.why}: {h.command}")
         if any(h.stale for h in status.holders):
             lines.append("  a stale holder keeps its cores from the groups: stop it (kill PID), then "
                          "`neuronserve apply`")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 from typing import Callable
 
+from neuronserve.devices import run_tool
 from neuronserve.errors import ServiceError
 
 Runner = Callable[[list[str]], subprocess.CompletedProcess]
@@ -18,12 +19,7 @@ CALL_TIMEOUT_S = 300.0
 
 def run_command(argv: list[str]) -> subprocess.CompletedProcess:
     """The real runner: a missing tool or a hung call becomes a failed CompletedProcess, never an exception."""
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=CALL_TIMEOUT_S, stdin=subprocess.DEVNULL)
-    except FileNotFoundError as e:
-        return subprocess.CompletedProcess(argv, 127, "", f"{argv[0]}: {e.strerror}")
-    except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(argv, 124, "", f"{argv[0]}: no answer within {CALL_TIMEOUT_S:g} s")
+    return run_tool(argv, timeout=CALL_TIMEOUT_S)
 
 
 class Systemctl:
