@@ -322,9 +322,14 @@ def wait_ready(metrics: dict[str, str], timeout_s: float) -> None:
             time.sleep(0.5)
 
 
-def metrics_urls(plan, model: str) -> dict[str, str]:
-    """group -> its /metrics URL, for the groups serving `model`."""
-    return {g.name: f"http://{g.address}/metrics" for g in plan.groups if g.model == model}
+def group_urls(plan, model: str) -> dict[str, str]:
+    """group -> its own base URL (http://127.0.0.1:<port>), for the groups serving `model`."""
+    return {g.name: f"http://{g.address}" for g in plan.groups if g.model == model}
+
+
+def metrics_of(groups: dict[str, str]) -> dict[str, str]:
+    """group -> its /metrics URL, from group_urls."""
+    return {g: url + "/metrics" for g, url in groups.items()}
 
 
 def sweep(cfg, host, model: str | None, shapes: list[tuple[int, int]], loads: list[Load], opts: Options, *,
@@ -342,14 +347,15 @@ def sweep(cfg, host, model: str | None, shapes: list[tuple[int, int]], loads: li
         shaped.models[model].groups = groups
         shaped.models[model].copies = copies
         plan = make_plan(shaped, host)
-        metrics = metrics_urls(plan, model)
+        groups_at = group_urls(plan, model)
+        metrics = metrics_of(groups_at)
         if echo:
             echo(f"# {groups} group(s) x {copies} copies: starting ({via})")
         # absolute: nginx resolves the rendered paths against its own prefix
         shape = _Shape(plan, via, (workdir / f"{groups}x{copies}").resolve(), ready_timeout_s, metrics, config_path,
                        model)
         with shape as front:
-            bases = [u.removesuffix("/metrics") for u in metrics.values()] if direct else [front]
+            bases = list(groups_at.values()) if direct else [front]
             rows += run_levels(targets_for(bases, path, body), loads, opts, metrics, echo,
                                groups=groups, copies=copies)
     return rows

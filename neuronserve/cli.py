@@ -280,11 +280,11 @@ def bench_cmd(config_path, backend, model, concurrency, rate, duration, count, m
                            payload=body, config_path=config_path or DEFAULT_PATH, echo=click.echo)
     else:
         plan = make_plan(cfg, host)
-        metrics = bench.metrics_urls(plan, model)
-        bases = [url] if url else ([u.removesuffix("/metrics") for u in metrics.values()] if direct
-                                   else [front_url_for(cfg.nginx.listen)])
+        groups = bench.group_urls(plan, model)
+        bases = [url] if url else (list(groups.values()) if direct else [front_url_for(cfg.nginx.listen)])
         path, data = bench.request_body(cfg.models[model].task, model, protocol, body)
-        rows = bench.run_levels(bench.targets_for(bases, path, data), loads, opts, metrics, click.echo)
+        rows = bench.run_levels(bench.targets_for(bases, path, data), loads, opts, bench.metrics_of(groups),
+                                click.echo)
     paths = bench.write_results(rows, out, bench.meta(cfg, model, loads, opts, sweep=shapes, direct=direct))
     if "png" not in paths:
         click.echo("note: matplotlib is not installed, so no bench.png (pip install matplotlib)", err=True)
