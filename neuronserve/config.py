@@ -133,6 +133,10 @@ class CudaSection(_Section):
 class CpuSection(_Section):
     threads_per_copy: int | Literal["auto"] = Field(
         "auto", description="torch intra-op threads per model copy; auto: the group's CPUs divided by its copies")
+    lend_idle_cpus: bool = Field(
+        True, description="a lone batch (nothing else queued in its group) also runs on the CPUs of CPU groups "
+                          "that are idle at that moment, with as many more threads; kept per bucket only where "
+                          "measured faster")
 
 
 class ModelSection(_Section):

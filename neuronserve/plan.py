@@ -16,6 +16,8 @@ from neuronserve.layout import Layout
 from neuronserve.server.settings import ServerSettings
 
 APP = "neuronserve.server.app:create_app()"
+# the CPU groups' shared lock files for lending idle CPUs (server/lending.py): the units' RuntimeDirectory=
+LEND_DIR = "/run/neuronserve/cpus"
 
 
 @dataclass
@@ -52,6 +54,13 @@ class Plan:
     def argv(self, group: Group, layout: Layout) -> list[str]:
         """The command a group's unit (and `neuronserve up`) runs."""
         return [self.python, "-m", "gunicorn", "--config", str(layout.gunicorn_conf(group.name)), APP]
+
+    def env(self, group: Group, layout: Layout) -> dict[str, str]:
+        """The environment a group's unit (and `neuronserve up`) gives its worker: group.env with its runtime
+        paths under the layout's root."""
+        if not group.settings.lend_dir:
+            return group.env
+        return {**group.env, "NEURONSERVE_LEND_DIR": str(layout.under(group.settings.lend_dir))}
 
     def by_model(self) -> dict[str, list[Group]]:
         out: dict[str, list[Group]] = {}
@@ -160,7 +169,8 @@ def make_plan(cfg: Config, host: Host, *, python: str | None = None) -> Plan:
                 group=gname, model=name, model_dir=Path(cfg.server.model_repository) / name,
                 backend=host.backend, copies=m.copies, threads=int(pin.get("NEURONSERVE_THREADS", 1)),
                 cpus=format_core_list(cpus), max_batch_delay_ms=m.max_batch_delay_ms, max_queue=m.max_queue,
-                truncation=m.truncation, timeout_s=cfg.server.timeout_s, log_level=cfg.server.log_level)
+                truncation=m.truncation, timeout_s=cfg.server.timeout_s, log_level=cfg.server.log_level,
+                lend_dir=LEND_DIR if host.backend == "cpu" and cfg.cpu.lend_idle_cpus else "")
             env = {**pin, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
             groups.append(Group(name=gname, model=name, index=i, cores=cores, cpus=cpus, port=port,
                                 settings=settings, env=env))

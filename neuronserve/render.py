@@ -166,7 +166,10 @@ def _unit_context(plan: Plan, layout: Layout, group: Group) -> dict:
     cfg = plan.config
     needs_read = [plan.python, str(cfg.server.model_repository)]
     return dict(
-        group=group, backend=plan.host.backend, argv=plan.argv(group, layout), env=sorted(group.env.items()),
+        group=group, backend=plan.host.backend, argv=plan.argv(group, layout),
+        env=sorted(plan.env(group, layout).items()),
+        runtime_directory=(PurePosixPath(group.settings.lend_dir).relative_to("/run") if group.settings.lend_dir
+                           else None),
         user=cfg.server.user, target=TARGET, model_repository=cfg.server.model_repository,
         cpu_list=format_core_list(group.cpus),
         device_allow=_device_allow(plan, group),

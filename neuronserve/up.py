@@ -178,7 +178,7 @@ class Stack:
         base = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
         try:
             for g in self.plan.groups:
-                self._spawn(g.name, self.plan.argv(g, self.layout), {**base, **g.env})
+                self._spawn(g.name, self.plan.argv(g, self.layout), {**base, **self.plan.env(g, self.layout)})
             if self.nginx:
                 self._spawn("nginx", nginx_argv(self.layout, "-g", "daemon off;"), base)
         except BaseException:

@@ -23,6 +23,7 @@ import torch
 from neuronserve import tasks
 from neuronserve.artifact import Manifest
 from neuronserve.server.batcher import Batch, Batcher, ServeError
+from neuronserve.server.lending import UNLENT, Lending
 from neuronserve.server.metrics import Metrics
 
 log = logging.getLogger("neuronserve.server")
@@ -42,12 +43,13 @@ class Copy:
     busy_since: float | None = None     # monotonic time the running batch started
     retired: bool = False               # given up on while stuck: exits once its batch returns
     lock: threading.Lock = field(default_factory=threading.Lock)
+    seat: object = UNLENT               # its Lending.seat(): the CPUs it may borrow for a lone batch
 
 
 class Executor:
     def __init__(self, manifest: Manifest, model_dir: Path, *, load: Loader, copies: int, threads: int,
                  batcher: Batcher, metrics: Metrics, warmup: list, stuck_after_s: float,
-                 on_change: Callable[[], None]):
+                 on_change: Callable[[], None], lending: Lending | None = None):
         self.manifest = manifest
         self.model_dir = Path(model_dir)
         self.load = load
@@ -58,6 +60,7 @@ class Executor:
         self.stuck_after_s = stuck_after_s
         self.on_change = on_change              # called (from copy threads) when a copy's state changes
         self.per_token = tasks.get(manifest.task).per_token
+        self.lending = lending
         self.copies = [Copy(i) for i in range(copies)]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
@@ -85,6 +88,7 @@ class Executor:
                 since = copy.busy_since
                 if since is not None and now - since > self.stuck_after_s and self._release(copy):
                     copy.retired = True
+                    copy.seat.release_borrowed()    # other groups' CPUs must not wait for a stuck batch
                     log.warning("copy %d stuck in one batch for %.0f s; loading a replacement", copy.index,
                                 now - since)
                     fresh = Copy(copy.index)
@@ -115,7 +119,9 @@ class Executor:
             log.error("copy %d: cannot load the model: %s", copy.index, e)
             self._set_state(copy, "failed", f"copy {copy.index}: cannot load the model: {e}")
             return
-        mismatch = self._check_warmup(runners)
+        if self.lending:
+            copy.seat = self.lending.seat()
+        mismatch = self._check_warmup(runners, copy.seat)
         if mismatch:
             log.error("copy %d: warm-up gave a wrong answer, not serving: %s", copy.index, mismatch)
             self._set_state(copy, "failed", f"copy {copy.index}: warm-up gave a wrong answer: {mismatch}")
@@ -133,11 +139,11 @@ class Executor:
             with copy.lock:
                 copy.busy_since = time.monotonic()
             try:
-                self._run(runners, buffers, batch, busy)
+                self._run(runners, buffers, batch, busy, copy.seat)
             finally:
                 self._release(copy)
 
-    def _check_warmup(self, runners: dict) -> str | None:
+    def _check_warmup(self, runners: dict, seat) -> str | None:
         """Run the known-answer items (their bucket checked), then every bucket until it ran WARMUP_RUNS times,
         so that no request pays for TorchScript optimising a graph on its first calls."""
         try:
@@ -145,7 +151,8 @@ class Executor:
             runs = dict.fromkeys(runners, 0)
             for arrays, chunk in self.warmup:
                 b, s = arrays[0].shape
-                outputs.append((self._call(runners[(b, s)], arrays), chunk))
+                with seat.run((b, s), lone=False):
+                    outputs.append((self._call(runners[(b, s)], arrays), chunk))
                 runs[(b, s)] += 1
                 items.extend(chunk)
             got = tasks.warmup_outputs(outputs, self.manifest.output_names)
@@ -155,7 +162,9 @@ class Executor:
             for (b, s), runner in runners.items():
                 arrays = tasks.pad(items[:b], b, s, self.manifest.input_names)
                 for _ in range(WARMUP_RUNS - runs[(b, s)]):
-                    self._call(runner, arrays)
+                    # through the seat: lending compares a lent batch with these own-CPU times
+                    with seat.run((b, s), lone=False):
+                        self._call(runner, arrays)
             return None
         except Exception as e:
             return f"the warm-up run failed: {e}"
@@ -165,14 +174,15 @@ class Executor:
         out = runner(*[torch.from_numpy(a) for a in arrays])
         return [o.numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in out]
 
-    def _run(self, runners: dict, buffers: dict, batch: Batch, busy) -> None:
+    def _run(self, runners: dict, buffers: dict, batch: Batch, busy, seat) -> None:
         entries = batch.entries
         items = [w.items[i] for w, i in entries]
         started = time.perf_counter()
         bucket = (batch.batch, batch.seq)
         try:
             arrays = tasks.pad(items, batch.batch, batch.seq, self.manifest.input_names, out=buffers[bucket])
-            outputs = self._call(runners[bucket], arrays)
+            with seat.run(bucket, lone=self.batcher.depth == 0):
+                outputs = self._call(runners[bucket], arrays)
         except Exception as e:
             log.exception("batch of %d in bucket (%d, %d) failed", len(items), batch.batch, batch.seq)
             self._loop.call_soon_threadsafe(_fail, entries, ServeError(500, f"inference failed: {e}"))

@@ -43,6 +43,8 @@ class Metrics:
         self._busy = make(Counter, "neuronserve_busy_seconds", "time each model copy spent executing batches",
                           ("copy",))
         self.inferences = make(Counter, "neuronserve_inferences", "items inferred").labels(**labels)
+        self.borrowed_batches = make(Counter, "neuronserve_borrowed_batches",
+                                     "batches that also ran on CPUs borrowed from idle groups").labels(**labels)
         # `neuronserve apply` drains a group until this reaches 0 before it stops it
         self.in_flight = make(Gauge, "neuronserve_requests_in_flight",
                               "inference requests received and not yet answered").labels(**labels)

@@ -17,6 +17,7 @@ import numpy as np
 from neuronserve import backends, tasks
 from neuronserve.artifact import read_manifest
 from neuronserve.errors import ArtifactError
+from neuronserve.server import lending
 from neuronserve.server.batcher import Batcher, ServeError, Work
 from neuronserve.server.executor import Executor, Loader
 from neuronserve.server.metrics import Metrics
@@ -49,7 +50,8 @@ class ServedModel:
         self.executor = Executor(manifest, settings.model_dir, load=load or backends.get(settings.backend).load,
                                  copies=settings.copies, threads=settings.threads, batcher=self.batcher,
                                  metrics=self.metrics, warmup=warmup, stuck_after_s=settings.timeout_s,
-                                 on_change=self._copies_changed)
+                                 on_change=self._copies_changed,
+                                 lending=lending.for_group(settings, self.metrics.borrowed_batches.inc))
         self._tokenizer_thread = TokenizerThread(self.task, self.tokenizer, self.batcher.max_seq,
                                                  settings.truncation)
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -26,6 +26,8 @@ class ServerSettings(BaseModel):
     copies: int = Field(1, ge=1)
     threads: int = Field(1, ge=1, description="torch intra-op threads per copy")
     cpus: str = Field("", description="CPU affinity of the worker ('0-3'); empty: leave as is")
+    lend_dir: str = Field("", description="where the CPU groups lend each other idle CPUs (per-CPU lock "
+                                          "files); empty: this group neither lends nor borrows")
     max_batch_delay_ms: float = Field(1.0, ge=0)
     max_queue: int = Field(256, ge=1)
     truncation: bool = True

@@ -140,8 +140,13 @@ def test_unit_content_per_backend(tmp_path):
         assert f"CPUAffinity={g.settings.cpus}\n" in text
         # every variable of the group's environment, and nothing else
         envs = re.findall(r'^Environment="([^=]+)=(.*)"$', text, re.M)
-        assert dict(envs) == g.env
+        assert dict(envs) == plan.env(g, layout)
         assert "MemoryDenyWriteExecute" not in text.replace("# no MemoryDenyWriteExecute", "")
+    # CPU groups lend each other idle CPUs through lock files in a shared runtime directory; no other backend
+    cpu_unit = units["cpu"]["emb-1"]
+    assert "\nRuntimeDirectory=neuronserve/cpus\nRuntimeDirectoryPreserve=yes\n" in cpu_unit
+    assert f'Environment="NEURONSERVE_LEND_DIR={tmp_path}/cpu/run/neuronserve/cpus"' in cpu_unit
+    assert not any("RuntimeDirectory" in u for b in ("neuron", "cuda") for u in units[b].values())
     assert "SupplementaryGroups=neuron" in units["neuron"]["emb-1"]
     assert re.findall(r"^DeviceAllow=(.*)$", units["neuron"]["emb-1"], re.M) == ["/dev/neuron0 rw", "/dev/neuron1 rw"]
     # a GPU group may open its own GPU and the control nodes, not the other GPUs (qa-0 has GPU 0, emb-1 GPU 2)

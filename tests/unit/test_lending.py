@@ -1,0 +1,202 @@
+"""Lending idle CPUs between CPU groups (server/lending.py): real lock files and real affinity, two groups played
+by two Lending objects in this process (flocks belong to open files, so they exclude each other here exactly as
+between two workers), a crashed borrower played by a real child process."""
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from neuronserve.server.lending import SLOT, Lending, cpu_file
+
+CPUS = sorted(os.sched_getaffinity(0))
+pytestmark = pytest.mark.skipif(len(CPUS) < 2, reason="lending needs two CPUs")
+A_CPU, B_CPU = CPUS[:2]
+BUCKET = (1, 128)
+
+
+class Threads:
+    """The set_threads double: records what torch.set_num_threads would have been called with."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, n: int) -> None:
+        self.calls.append(n)
+
+
+@pytest.fixture
+def groups(tmp_path):
+    """Group a owns A_CPU, group b owns B_CPU; each may borrow the other's. Runs on A_CPU like a pinned worker."""
+    made = {}
+    for name, own in (("a", A_CPU), ("b", B_CPU)):
+        lent = []
+        lending = Lending(tmp_path, [own], threads=1, patience_s=5.0, set_threads=Threads(),
+                          on_lent=lambda lent=lent: lent.append(1))
+        lending.lent_count = lent
+        made[name] = lending
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {A_CPU})
+    try:
+        yield made["a"], made["b"]
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def test_a_lone_batch_runs_on_the_idle_groups_cpu_too(groups):
+    a, b = groups
+    seat = a.seat()
+    with seat.run(BUCKET, lone=True):
+        assert os.sched_getaffinity(0) == {A_CPU, B_CPU}
+        assert a.set_threads.calls == [2]
+        # b's next batch would wait: its CPU is taken exclusively
+        with open(cpu_file(a.directory, B_CPU), "rb") as f:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    assert os.sched_getaffinity(0) == {A_CPU}
+    assert a.set_threads.calls == [2, 1] and a.lent_count == [1]
+    with open(cpu_file(a.directory, B_CPU), "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)      # given back
+
+
+def test_no_borrowing_when_not_lone_or_the_owner_runs(groups):
+    a, b = groups
+    with a.seat().run(BUCKET, lone=False):
+        assert os.sched_getaffinity(0) == {A_CPU}
+    with b.seat().run(BUCKET, lone=False):          # b runs a batch: its CPU is not free
+        with a.seat().run(BUCKET, lone=True):
+            assert os.sched_getaffinity(0) == {A_CPU}
+    # two batches of the same group at once: the second one is not lone
+    first, second = a.seat(), a.seat()
+    with first.run(BUCKET, lone=True):
+        pass
+    calls = len(a.set_threads.calls)
+    with first.run(BUCKET, lone=False):
+        with second.run(BUCKET, lone=True):
+            assert os.sched_getaffinity(0) == {A_CPU}
+    assert len(a.set_threads.calls) == calls
+
+
+def test_a_group_serving_a_steady_stream_keeps_its_cpu(groups):
+    a, b = groups
+    now = time.monotonic()
+    # b: 100 ms batches with 1 ms gaps, its last one just ended: busy ~99 % of the time
+    b._publisher[0].publish(0.1, 0.001, now)
+    with a.seat().run(BUCKET, lone=True):
+        assert os.sched_getaffinity(0) == {A_CPU}
+    # the same group after a second of idling has been busy 10 % of the time: lent
+    b._publisher[0].publish(0.1, 0.001, now - 1.0)
+    with a.seat().run(BUCKET, lone=True):
+        assert os.sched_getaffinity(0) == {A_CPU, B_CPU}
+
+
+def test_the_owner_publishes_its_load(groups, tmp_path):
+    a, b = groups
+    seat = b.seat()
+    for _ in range(3):
+        with seat.run(BUCKET, lone=False):
+            time.sleep(0.02)
+        time.sleep(0.01)
+    with open(cpu_file(tmp_path, B_CPU), "rb") as f:
+        busy, gap, last_end = SLOT.unpack(f.read(SLOT.size))
+    assert 0.015 < busy < 0.5 and 0.005 < gap < 0.5 and 0 < time.monotonic() - last_end < 0.5
+
+
+def test_the_owner_waits_for_a_lent_batch_then_runs(groups):
+    a, b = groups
+    lent = threading.Event()
+    release = threading.Event()
+
+    def borrower():
+        with a.seat().run(BUCKET, lone=True):
+            lent.set()
+            release.wait(5)
+
+    t = threading.Thread(target=borrower)
+    t.start()
+    assert lent.wait(5)
+    entered = []
+
+    def owner():
+        with b.seat().run(BUCKET, lone=False):
+            entered.append(time.monotonic())
+
+    owner = threading.Thread(target=owner)
+    owner.start()
+    time.sleep(0.2)
+    assert entered == []                     # still lent
+    released_at = time.monotonic()
+    release.set()
+    owner.join(5)
+    t.join(5)
+    assert entered and entered[0] >= released_at
+
+
+def test_a_cpu_whose_group_is_gone_is_not_borrowed(tmp_path):
+    """The files of a group that stopped stay behind; its CPU may now serve something else."""
+    a = Lending(tmp_path, [A_CPU], threads=1, patience_s=5.0, set_threads=Threads())
+    subprocess.run([sys.executable, "-c", (
+        "from neuronserve.server.lending import Lending\n"
+        f"Lending({str(tmp_path)!r}, [{B_CPU}], threads=1, patience_s=1, set_threads=print)\n")], check=True)
+    assert a.others() == [B_CPU]
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {A_CPU})
+    try:
+        with a.seat().run(BUCKET, lone=True):
+            assert os.sched_getaffinity(0) == {A_CPU}
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def test_a_hung_borrower_costs_the_owner_at_most_its_patience(tmp_path):
+    """A child process takes B's CPU and hangs; b's batch runs anyway after `patience`; once the child dies its
+    lock is gone with it."""
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(cpu_file(tmp_path, B_CPU))!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        b = Lending(tmp_path, [B_CPU], threads=1, patience_s=0.3, set_threads=Threads())
+        start = time.monotonic()
+        with b.seat().run(BUCKET, lone=False):
+            waited = time.monotonic() - start
+        assert 0.3 <= waited < 3
+    finally:
+        child.kill()
+        child.wait()
+    start = time.monotonic()
+    with b.seat().run(BUCKET, lone=False):
+        assert time.monotonic() - start < 0.3
+
+
+def test_the_watchdog_gives_back_a_stuck_copys_borrowed_cpus(groups):
+    a, b = groups
+    seat = a.seat()
+    with seat.run(BUCKET, lone=True):
+        assert seat.borrowed
+        seat.release_borrowed()             # what the watchdog does for a copy stuck in this batch
+        with b.seat().run(BUCKET, lone=False):
+            pass                            # b no longer waits
+
+
+def test_lending_stops_for_a_bucket_where_it_is_not_faster(groups):
+    a, b = groups
+    a.record(BUCKET, 0.010, lent=False)                 # the fastest own batch
+    a.record(BUCKET, 0.012, lent=True)
+    assert a.lends(BUCKET)                              # one slow lent batch may be a cold thread pool
+    a.record(BUCKET, 0.0095, lent=True)
+    assert not a.lends(BUCKET)                          # 0.95 of own: not worth the other group's CPU
+    with a.seat().run(BUCKET, lone=True):
+        assert os.sched_getaffinity(0) == {A_CPU}
+    assert a.lends((4, 128))                            # other buckets decide for themselves
+    a.record((4, 128), 0.020, lent=False)
+    a.record((4, 128), 0.013, lent=True)
+    a.record((4, 128), 0.012, lent=True)
+    assert a.lends((4, 128))
