@@ -7,7 +7,8 @@ For each model (bert-base, then tiny):
   3. neuronserve (one group per CPU behind nginx), then the baseline (one pinned hypercorn process per CPU):
      start, check one answer from every backend, warm every bucket with a short unmeasured burst, then for
      each concurrency: drain (a checked request to every backend must come back at batch-1 speed), run wrk
-     closed loop, record throughput, latency and the CPU the system's processes used.
+     closed loop, record throughput (counted after a ramp: see bench/wrk.py), latency and the CPU the system's
+     processes used.
 Writes bench-results/results.{md,json} and prints the table.
 """
 from __future__ import annotations
@@ -22,8 +23,12 @@ from pathlib import Path
 from bench import ceiling, cpu, models, report, wrk
 from bench.systems import PAYLOAD, BaselineSystem, NeuronserveSystem
 
-# seconds per measured level, per model: BERT-base completes ~1.5 items/s per core, in batches of up to 4
-DURATION = {"bert-base": 25.0, "tiny": 8.0}
+# seconds per level, per model, and the first seconds of it left out of the throughput (the ramp: no answer
+# comes before the first batch is done). BERT-base completes ~1.5 items/s per core in batches of up to 4, 2.7 s
+# each: a 9 s ramp is over 3 batch times, and the 36 s window holds about 13 batches per core, so a batch more or
+# less at either edge moves a level's rate by a few percent at most. The tiny model's batches take 5 to 80 ms.
+DURATION = {"bert-base": 45.0, "tiny": 10.0}
+RAMP = {"bert-base": 9.0, "tiny": 2.0}
 CEILING_SECONDS = {"bert-base": 8.0, "tiny": 4.0}
 LEVELS = [1, 4, 16, 64]
 # neuronserve's tuning for the run (the config a 1-CPU group wants: one copy, one thread, no added delay)
@@ -44,7 +49,7 @@ def drain(system, b1_latency_s: float, limit_s: float = 300.0) -> None:
             raise RuntimeError(f"{system.label} did not drain within {limit_s:g} s")
 
 
-def measure_system(system, name: str, result: dict, levels: list[int], duration: float) -> list[dict]:
+def measure_system(system, name: str, result: dict, levels: list[int], duration: float, ramp: float) -> list[dict]:
     ceil = result["ceiling"]
     b1 = ceil["latency_group"]["median_s"]
     rows = []
@@ -59,7 +64,7 @@ def measure_system(system, name: str, result: dict, levels: list[int], duration:
             drain(system, b1)
             before = system.batches()
             cpu0, host0, wrk0 = cpu.cpu_seconds(system.pids), cpu.host_busy_seconds(), cpu.children_seconds()
-            res = wrk.run(system.targets, c, duration, timeout_s=120)
+            res = wrk.run(system.targets, c, duration, ramp_s=ramp, timeout_s=120)
             cpu1, host1, wrk1 = cpu.cpu_seconds(system.pids), cpu.host_busy_seconds(), cpu.children_seconds()
             after = system.batches()
             if before is None:
@@ -67,13 +72,18 @@ def measure_system(system, name: str, result: dict, levels: list[int], duration:
             else:
                 d = [a - b for a, b in zip(after, before)]
                 model_cpu = report.model_cpu_seconds(ceil, d[0], d[1], d[2])
+            # throughput over the window after the ramp; the counts and CPU over the whole level, wrk's own rate
+            # (biased low by the time to the first answer) beside it
             row = {"concurrency": c, "throughput": res.throughput, "p50": res.p50, "p90": res.p90, "p99": res.p99,
                    "max": res.max, "completed": res.completed, "errors": res.errors, "duration_s": res.duration_s,
+                   "throughput_whole": res.throughput_whole, "ramp_s": res.ramp_s, "window_s": res.window_s,
+                   "window_completed": res.window_completed, "first_s": res.first_s, "last_s": res.last_s,
                    "cpu_s": cpu1 - cpu0, "model_cpu_s": model_cpu, "client_cpu_s": wrk1 - wrk0,
                    # CPU that neither the system nor the client used: other work on the host, a noisy level
                    "foreign_cpu_s": max(0.0, (host1 - host0) - (cpu1 - cpu0) - (wrk1 - wrk0))}
             rows.append(row)
-            log(f"  {system.label} c={c}: {res.throughput:.1f} req/s, p50 {fmt_ms(res.p50)} p99 {fmt_ms(res.p99)} ms"
+            log(f"  {system.label} c={c}: {res.throughput:.2f} req/s after {ramp:g} s "
+                f"({res.throughput_whole:.2f} over the whole level), p50 {fmt_ms(res.p50)} p99 {fmt_ms(res.p99)} ms"
                 f"{', errors ' + str(res.errors) if res.errors else ''}; CPU {row['cpu_s']:.1f} s "
                 f"(model ~{model_cpu:.1f} s), client {row['client_cpu_s']:.1f} s, other {row['foreign_cpu_s']:.1f} s")
         drain(system, b1)
@@ -122,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="bert-base,tiny", help="comma-separated: bert-base, tiny")
     ap.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrency levels")
     ap.add_argument("--duration", type=float, default=None, help="seconds per level (default per model)")
+    ap.add_argument("--ramp", type=float, default=None,
+                    help="seconds at the start of each level left out of the throughput (default per model)")
     ap.add_argument("--systems", default="neuronserve,baseline", help="which served systems to measure")
     args = ap.parse_args(argv)
 
@@ -130,24 +142,32 @@ def main(argv: list[str] | None = None) -> int:
     cpus = sorted(os.sched_getaffinity(0))
     levels = [int(x) for x in args.levels.split(",")]
     work = args.out.resolve() / "work"
+    names = args.models.split(",")
+    timing = {name: (args.duration or DURATION[name], RAMP[name] if args.ramp is None else args.ramp)
+              for name in names}
+    for name, (duration, ramp) in timing.items():
+        if not 0 <= ramp < round(duration):
+            ap.error(f"{name}: the ramp ({ramp:g} s) must be shorter than a level ({duration:g} s)")
     results: dict[str, dict] = {}
     started = time.monotonic()
-    for name in args.models.split(","):
+    for name in names:
+        duration, ramp = timing[name]
         log(f"{name}: preparing")
         model_dir = models.prepare(name, work, log=lambda m: log(m))
         result: dict = {"name": name, "cpus": len(cpus), "ceiling": measure_ceiling(name, model_dir, cpus)}
-        duration = args.duration or DURATION[name]
         for system_name in args.systems.split(","):
             if system_name == "neuronserve":
                 system = NeuronserveSystem(name, work, cpus, batch_sizes=models.BATCH_SIZES[name], **TUNING)
             else:
                 system = BaselineSystem(name, model_dir, work, cpus)
             log(f"{name}: {system.label}")
-            result[system_name] = measure_system(system, name, result, levels, duration)
+            result[system_name] = measure_system(system, name, result, levels, duration, ramp)
         results[name] = result
     meta = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": len(cpus),
             "cpu_model": cpu_model(), "levels": levels, "tuning": TUNING,
-            "note": f"wrk closed loop, {', '.join(f'{k} {v:g} s' for k, v in DURATION.items())} per level; "
+            "note": f"wrk closed loop, "
+                    f"{', '.join(f'{k} {d:g} s (throughput after {r:g} s)' for k, (d, r) in timing.items())} "
+                    f"per level; "
                     f"run took {(time.monotonic() - started) / 60:.1f} min"}
     md, js = report.write(args.out, results, meta)
     print()

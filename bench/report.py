@@ -8,8 +8,12 @@ A model's result (plain JSON-able dicts, as written to bench-results/results.jso
                  "latency_all": {...}},                          # batch 1 on every CPU
      "neuronserve": [level, ...], "baseline": [level, ...]}
 
-    level = {"concurrency", "throughput", "p50", "p90", "p99", "max", "completed", "errors",
-             "cpu_s", "model_cpu_s"}
+    level = {"concurrency", "throughput", "p50", "p90", "p99", "max", "completed", "errors", "duration_s",
+             "cpu_s", "model_cpu_s", "client_cpu_s", "foreign_cpu_s",
+             "throughput_whole", "ramp_s", "window_s", "window_completed", "first_s", "last_s"}
+
+`throughput` is counted in the window after the level's ramp (bench/wrk.py), `throughput_whole` over the whole
+level as wrk reports it; the counts, CPU seconds and latencies cover the whole level.
 
 Only ratios within one run are compared: the machine's speed cancels out.
 """

@@ -2,17 +2,20 @@
 
 - the baseline server answers like the original design (argmax span of the batch-1 traced model), over real
   hypercorn, and refuses an unknown model copy;
-- wrk, driven by the generated Lua script, loads it with no errors (the script's escaping included);
+- wrk, driven by the generated Lua script, loads it with no errors (the script's escaping included), and counts
+  the measured window exactly as a server answering in bursts on a known schedule saw it;
 - the ratio table's math: interpolation of the in-process cost, the model-CPU estimate, the ratios, targets;
 - CPU accounting of process trees.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -114,16 +117,113 @@ def test_wrk_lua_script_escapes_what_it_carries():
             os.unlink(path)
 
 
+def _wrk_line(window: str) -> str:
+    return ("Running 1s test\nWRK-RESULT {\"duration_us\": 2000000, \"requests\": 100, \"errors\": {\"connect\": 0, "
+            "\"read\": 0, \"write\": 0, \"status\": 4, \"timeout\": 1}, \"p50_us\": 1000, \"p90_us\": 2000, "
+            "\"p99_us\": 5000, \"max_us\": 9000, \"mean_us\": 1200.5, \"window\": " + window + "}\n")
+
+
 def test_wrk_output_parsing():
-    out = ("Running 1s test\nWRK-RESULT {\"duration_us\": 2000000, \"requests\": 100, \"errors\": {\"connect\": 0, "
-           "\"read\": 0, \"write\": 0, \"status\": 4, \"timeout\": 1}, \"p50_us\": 1000, \"p90_us\": 2000, "
-           "\"p99_us\": 5000, \"max_us\": 9000, \"mean_us\": 1200.5}\n")
+    out = _wrk_line('{"started": 123.5, "from_s": 0.5, "to_s": 2.0, "requests": 80, "status": 2, "first_s": 0.61, '
+                    '"last_s": 1.98}')
     r = wrk.parse_output(out, 8)
     assert r.errors == {"status": 4, "timeout": 1}
-    assert r.ok == 96 and r.throughput == pytest.approx(48.0)
+    assert r.ok == 96 and r.throughput_whole == pytest.approx(48.0)
+    # the window: 78 answered requests in 1.5 s
+    assert (r.started, r.ramp_s, r.window_s, r.window_completed) == (123.5, 0.5, 1.5, 80)
+    assert r.throughput == pytest.approx(52.0)
+    assert (r.first_s, r.last_s) == (0.61, 1.98)
     assert (r.p50, r.p99, r.max) == (0.001, 0.005, 0.009)
+    empty = wrk.parse_output(_wrk_line('{"started": 1.0, "from_s": 1.0, "to_s": 2.0, "requests": 0, "status": 0, '
+                                       '"first_s": null, "last_s": null}'), 8)
+    assert empty.throughput == 0.0 and empty.first_s is None and empty.last_s is None
     with pytest.raises(RuntimeError, match="no result"):
         wrk.parse_output("wrk: connection refused", 1)
+    with pytest.raises(ValueError, match="window"):
+        wrk.lua_script([wrk.Target("http://127.0.0.1:8080", (wrk.Request("GET", "/"),))], 2.0, 2.0)
+
+
+class BurstServer:
+    """An HTTP/1.1 keep-alive server that answers like a saturated batching server: every pending request at
+    once, `period` seconds apart from the first request on; /bad gets a 500. It logs each answer's
+    (time.monotonic(), status): what the server saw, to hold wrk's window against."""
+
+    def __init__(self, period: float):
+        self.period = period
+        self.sent: list[tuple[float, int]] = []
+        self.loop = asyncio.new_event_loop()
+        self.pending: list[asyncio.Future] = []
+        self.first = asyncio.Event()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+
+    def _serve(self, ready):
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.ticker = self.loop.create_task(self._ticks())
+        ready.set()
+        self.loop.run_forever()
+
+    async def _ticks(self):
+        await self.first.wait()
+        start = self.loop.time()                    # asyncio's clock is time.monotonic()
+        for k in range(1, 1000):
+            await asyncio.sleep(start + k * self.period - self.loop.time())
+            batch, self.pending = self.pending, []
+            for f in batch:
+                f.set_result(None)
+
+    async def _client(self, reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                answered = self.loop.create_future()
+                self.pending.append(answered)
+                self.first.set()
+                await answered
+                status = 500 if head.split(b" ", 2)[1] == b"/bad" else 200
+                writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 2\r\n\r\nok".encode())
+                self.sent.append((time.monotonic(), status))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass                                    # wrk went away
+        finally:
+            writer.close()
+
+    async def _shutdown(self):
+        self.server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def close(self):
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def test_wrk_counts_the_window_as_the_server_saw_it():
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (make bench installs it)")
+    # bursts every 0.4 s from the level's start: 0.4, 0.8, 1.2, ..., 2.8, 3.2 s; the window [1, 3] s holds the five
+    # from 1.2 to 2.8, 0.2 s clear of either edge. 4 connections on 2 threads, every other request a /bad one.
+    server = BurstServer(0.4)
+    try:
+        target = wrk.Target(f"http://127.0.0.1:{server.port}", (wrk.Request("GET", "/ok"), wrk.Request("GET", "/bad")))
+        r = wrk.run([target], 4, 3, ramp_s=1.0, threads=2, timeout_s=10)
+    finally:
+        server.close()
+    seen = [(t - r.started, status) for t, status in server.sent if r.started + 1.0 <= t <= r.started + 3.0]
+    assert (r.ramp_s, r.window_s) == (1.0, 2.0)
+    assert r.window_completed == len(seen) == 5 * 4                   # both threads' counts, added up
+    assert r.window_status_errors == sum(status == 500 for _, status in seen) == 5 * 2
+    assert r.throughput == pytest.approx(10 / 2.0)
+    assert r.first_s == pytest.approx(seen[0][0], abs=0.05) and r.last_s == pytest.approx(seen[-1][0], abs=0.05)
+    assert r.completed > r.window_completed and r.errors.get("status", 0) > r.window_status_errors
 
 
 # ---------------------------------------------------------------- the ratio table's math
