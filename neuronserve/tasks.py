@@ -15,12 +15,12 @@ returns a tuple of float32 tensors in the task's `output_names` order.
 """
 from __future__ import annotations
 
-import functools
 import json
+import re
 import threading
 import weakref
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import accumulate, chain
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -147,24 +147,23 @@ def encode(task: str, tokenizer, items: Sequence, max_seq: int, truncation: bool
     backend = _backend(tokenizer, max_seq if truncation else None, spec.pair)
     if spec.pair:
         try:
-            encodings = backend.encode_batch([(it.question, it.context) for it in items])
+            encodings = backend.encode([(it.question, it.context) for it in items], offsets=True)
         except Exception as e:  # the tokenizer refuses when the question alone is over max_length
             raise BadInput(f"inputs: question too long for the largest sequence bucket ({max_seq} tokens): {e}") \
                 from None
     else:
-        encodings = backend.encode_batch_fast(list(items))      # no character offsets: nothing decodes them
+        encodings = backend.encode(items, offsets=False)      # no character offsets: nothing decodes them
     lengths = [len(e) for e in encodings]
     for i, length in enumerate(lengths):
         if length > max_seq:
             raise BadInput(f"inputs[{i}]: {length} tokens, longer than the largest sequence bucket ({max_seq}); "
                            "shorten the text or enable truncation for this model")
     total = sum(lengths)
-    ends = np.cumsum(lengths).tolist()
     ids = {"input_ids": _flat(encodings, "ids", total),
            "attention_mask": np.ones(total, dtype=np.int64),        # unpadded: every token is real
            "token_type_ids": _flat(encodings, "type_ids", total)}
     out = []
-    for i, (length, end) in enumerate(zip(lengths, ends)):
+    for i, (length, end) in enumerate(zip(lengths, accumulate(lengths))):
         item = Encoded({n: a[end - length:end] for n, a in ids.items()}, length)
         if spec.pair:
             item.context, item.encoding = items[i].context, encodings[i]
@@ -177,27 +176,97 @@ def _flat(encodings, field: str, total: int) -> np.ndarray:
     return np.fromiter(chain.from_iterable(getattr(e, field) for e in encodings), np.int64, total)
 
 
-# per transformers tokenizer, its Rust tokenizer set up per (truncation length, pair): a copy, because
-# transformers re-configures the shared one on each of its own calls
+# BertNormalizer's clean_text drops these (and maps \t \n \r to a space); in ASCII, the only characters it
+# does not map one to one
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_SPACES = str.maketrans("\t\n\r", "   ")
+
+
+class _Backend:
+    """A transformers tokenizer's Rust tokenizer, configured once for one truncation length and pair-ness: a
+    copy, because transformers re-configures the shared one on each of its own calls.
+
+    Plain text skips the Rust BertNormalizer (a third of the tokenizer's time, most of it alignment
+    bookkeeping): on ASCII text without control characters it only lowercases and turns \\t \\n \\r into spaces,
+    one character for one, so a `bare` copy without normalizer, given the text normalized here, yields the
+    very same ids, type ids and character offsets. Any other normalizer, or text with anything else in it
+    (non-ASCII, control characters, an added token such as [SEP]), goes through the full tokenizer.
+    """
+
+    def __init__(self, tokenizer, max_length: int | None, pair: bool):
+        import tokenizers
+
+        config = tokenizer.backend_tokenizer.to_str()
+        self.full, self.bare = (self._copy(tokenizers, config, max_length, pair, tokenizer) for _ in range(2))
+        normalizer = json.loads(config).get("normalizer") or {}
+        if normalizer.get("type") != "BertNormalizer":
+            self.bare = None
+            return
+        self.bare.normalizer = None
+        self.lowercase = normalizer.get("lowercase", True)
+        self.clean = normalizer.get("clean_text", True)
+        # added tokens are split off before (content as given) or after (normalized) the normalizer: plain
+        # text holds neither form, so that neither tokenizer splits any
+        contents = {t.content for t in self.full.get_added_tokens_decoder().values()}
+        contents |= {self.full.normalizer.normalize_str(c) for c in contents}
+        self.added = re.compile("|".join(map(re.escape, sorted(c for c in contents if c)))) if contents else None
+
+    @staticmethod
+    def _copy(tokenizers, config: str, max_length: int | None, pair: bool, tokenizer):
+        backend = tokenizers.Tokenizer.from_str(config)
+        backend.no_padding()
+        if max_length is None:
+            backend.no_truncation()
+        else:
+            backend.enable_truncation(max_length, strategy="only_second" if pair else "longest_first",
+                                      direction=getattr(tokenizer, "truncation_side", "right"))
+        return backend
+
+    def plain(self, text: str) -> str | None:
+        """`text` as the BertNormalizer leaves it when that maps it one character for one, else None."""
+        if not text.isascii() or _CONTROL.search(text):
+            return None
+        out = text.lower() if self.lowercase else text
+        if self.clean and ("\t" in out or "\n" in out or "\r" in out):
+            out = out.translate(_SPACES)
+        if self.added is not None and (self.added.search(text) or self.added.search(out)):
+            return None
+        return out
+
+    def encode(self, inputs: list, *, offsets: bool) -> list:
+        """tokenizers.Encodings of `inputs` (texts, or (question, context) pairs), in order; without
+        character offsets unless `offsets`."""
+        slow = list(range(len(inputs)))
+        fast, normalized = [], []
+        if self.bare is not None:
+            slow = []
+            for i, x in enumerate(inputs):
+                p = tuple(map(self.plain, x)) if isinstance(x, tuple) else self.plain(x)
+                if p is None or (isinstance(p, tuple) and None in p):
+                    slow.append(i)
+                else:
+                    fast.append(i)
+                    normalized.append(p)
+        out = [None] * len(inputs)
+        for backend, where, batch in ((self.bare, fast, normalized), (self.full, slow, [inputs[i] for i in slow])):
+            if where:
+                encodings = backend.encode_batch(batch) if offsets else backend.encode_batch_fast(batch)
+                for i, e in zip(where, encodings):
+                    out[i] = e
+        return out
+
+
+# per transformers tokenizer, its _Backend per (truncation length, pair)
 _BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _BACKENDS_LOCK = threading.Lock()
 
 
-def _backend(tokenizer, max_length: int | None, pair: bool):
+def _backend(tokenizer, max_length: int | None, pair: bool) -> _Backend:
     with _BACKENDS_LOCK:
         mine = _BACKENDS.setdefault(tokenizer, {})
         backend = mine.get((max_length, pair))
         if backend is None:
-            import tokenizers
-
-            backend = tokenizers.Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-            backend.no_padding()
-            if max_length is None:
-                backend.no_truncation()
-            else:
-                backend.enable_truncation(max_length, strategy="only_second" if pair else "longest_first",
-                                          direction=getattr(tokenizer, "truncation_side", "right"))
-            mine[(max_length, pair)] = backend
+            backend = mine[(max_length, pair)] = _Backend(tokenizer, max_length, pair)
         return backend
 
 
@@ -255,34 +324,28 @@ def _decode_qa(manifest, outputs_row, item):
     sequence_ids = item.encoding.sequence_ids
     if 1 not in sequence_ids:
         return {"answer": "", "score": 0.0, "start": 0, "end": 0}
-    # the context's tokens, contiguous: [first, stop)
+    # the context's tokens, contiguous: n from first
     first = sequence_ids.index(1)
-    stop = len(sequence_ids) - sequence_ids[::-1].index(1)
-    s, e = (o[first:stop].astype(np.float64) for o in outputs_row)
-    # probabilities over the context tokens, like the HF pipeline's (which masks the question out)
-    ps = np.exp(s - s.max())
-    ps /= ps.sum()
-    pe = np.exp(e - e.max())
-    pe /= pe.sum()
-    # span (i, j) over context positions: j >= i, at most MAX_ANSWER_TOKENS tokens (context is contiguous);
-    # scores[i, d] = ps[i] * pe[i + d], ends past the context scoring -1 (probabilities never do)
+    n = len(sequence_ids) - sequence_ids[::-1].index(1) - first
+    # probabilities over the context tokens, like the HF pipeline's (which masks the question out): start and
+    # end as the two rows of one array, a few numpy calls per item rather than a dozen
+    x = np.array([o[first:first + n] for o in outputs_row], dtype=np.float64)
+    x -= x.max(axis=1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=1, keepdims=True)
+    # span (i, i + d) over context positions, at most MAX_ANSWER_TOKENS tokens (the context is contiguous):
+    # scores[i, d] = ps[i] * pe[i + d], the ends as overlapping windows (a view) of pe followed by -1s, the
+    # score of an end past the context (probabilities never are negative)
     width = MAX_ANSWER_TOKENS
-    scores = ps[:, None] * np.append(pe, _NO_END)[_band(stop - first)]
-    best = int(np.argmax(scores))
-    bi, d = divmod(best, width)
-    bj = bi + d
+    pe = np.concatenate((x[1], _NO_END))
+    scores = x[0, :, None] * np.ndarray((n, width), pe.dtype, pe, strides=(pe.itemsize, pe.itemsize))
+    bi, d = divmod(int(scores.argmax()), width)
     start = item.encoding.token_to_chars(first + bi)[0]
-    end = item.encoding.token_to_chars(first + bj)[1]
+    end = item.encoding.token_to_chars(first + bi + d)[1]
     return {"answer": item.context[start:end], "score": float(scores[bi, d]), "start": start, "end": end}
 
 
 _NO_END = np.full(MAX_ANSWER_TOKENS - 1, -1.0)
-
-
-@functools.lru_cache(maxsize=None)
-def _band(n: int) -> np.ndarray:
-    """[n, MAX_ANSWER_TOKENS] indices i + d: the ends a span starting at i can have (past n: the -1 padding)."""
-    return np.arange(n)[:, None] + np.arange(MAX_ANSWER_TOKENS)
 
 
 # ---------------------------------------------------------------- the modules compile traces

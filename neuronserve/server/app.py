@@ -209,10 +209,10 @@ def build_app(model: ServedModel) -> FastAPI:
             raise ProtocolError(f"unknown output(s) {', '.join(unknown)}; this request can have "
                                 f"{', '.join(available)}")
         if text:
-            items = await model.tokenize(tasks.parse_inputs(model.task, _texts(text, spec.pair)))
+            items = tasks.parse_inputs(model.task, _texts(text, spec.pair))
         else:
             items = model.tensor_items(tensors)
-        work = await model.infer(items, decode=bool(text), deadline=t0 + settings.timeout_s,
+        work = await model.infer(items, tokenize=bool(text), decode=bool(text), deadline=t0 + settings.timeout_s,
                                  disconnected=disconnected)
         outputs = model.outputs(work)
         if text:
@@ -228,8 +228,8 @@ def build_app(model: ServedModel) -> FastAPI:
     async def infer_task(t0: float, scope, body: bytes, name: str, version: None, disconnected) -> Answer:
         lookup(name)
         inputs = _task_inputs(body)
-        items = await model.tokenize(tasks.parse_inputs(model.task, inputs))
-        work = await model.infer(items, decode=True, deadline=t0 + settings.timeout_s, disconnected=disconnected)
+        work = await model.infer(tasks.parse_inputs(model.task, inputs), tokenize=True, decode=True,
+                                 deadline=t0 + settings.timeout_s, disconnected=disconnected)
         answers = work.answers if isinstance(inputs, list) else work.answers[0]
         return 200, orjson.dumps(answers, option=orjson.OPT_SERIALIZE_NUMPY), APPLICATION_JSON, []
 

@@ -44,7 +44,7 @@ class Work:
         self.pending = len(items)
         self.future = future
         self.cancelled = False                      # set on the loop, read by the copies: they skip its items
-        self.t0 = time.monotonic()
+        self.t0 = 0.0                               # monotonic time it was queued (submit)
 
 
 class Batch(NamedTuple):
@@ -88,6 +88,7 @@ class Batcher:
             if len(self._queue) + n > self.max_queue:
                 raise ServeError(503, f"busy: {len(self._queue)} items queued (max_queue {self.max_queue}); "
                                       "retry later", retry_after=1)
+            work.t0 = time.monotonic()
             self._queue.extend((work, i) for i in range(n))
             self._cond.notify()
 

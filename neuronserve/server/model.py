@@ -1,7 +1,8 @@
 """One group's served model: the checked artifact, its tokenizer, the batcher and the copies, and readiness.
 
-The routes call `tokenize` (text -> items, on the tokenizer thread), `tensor_items` (client-tokenized tensors ->
-items) and `infer` (items -> a finished Work, or a ServeError carrying the HTTP status).
+The routes call `tensor_items` (client-tokenized tensors -> items) and `infer` (parsed task items, tokenized on
+the tokenizer thread on their way to the queue, or tensor items -> a finished Work, or a ServeError carrying the
+HTTP status).
 """
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ from neuronserve.server.metrics import Metrics
 from neuronserve.server.settings import ServerSettings
 
 log = logging.getLogger("neuronserve.server")
+
+# a request still waiting after this long gets a watcher for its client's departure (a task reading the
+# connection, about 20 us of event-loop CPU): one answered sooner would cost the copies at most this long if its
+# client had left, while watching every request would cost a sizeable part of a small model's serving CPU
+WATCH_AFTER_S = 0.25
 
 
 class ServedModel:
@@ -52,8 +58,7 @@ class ServedModel:
                                  metrics=self.metrics, warmup=warmup, stuck_after_s=settings.timeout_s,
                                  on_change=self._copies_changed,
                                  lending=lending.for_group(settings, self.metrics.borrowed_batches.inc))
-        self._tokenizer_thread = TokenizerThread(self.task, self.tokenizer, self.batcher.max_seq,
-                                                 settings.truncation)
+        self._tokenizer_thread = TokenizerThread(self.task, self.tokenizer, self.batcher, settings.truncation)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state_lock = threading.Lock()
         self._warmed = False     # every copy passed the warm-up once (a replacement loading later keeps it)
@@ -92,10 +97,6 @@ class ServedModel:
 
     # ---------------------------------------------------------------- the request path
 
-    async def tokenize(self, items: list) -> list[tasks.Encoded]:
-        """Parsed task items -> encoded items, on the tokenizer thread. Raises tasks.BadInput."""
-        return await self._tokenizer_thread.encode(items)
-
     def tensor_items(self, tensors: dict[str, np.ndarray]) -> list[tasks.Encoded]:
         """Client-tokenized int tensors [n, s] by input name -> one item per row (all s tokens long)."""
         names = self.manifest.input_names
@@ -125,29 +126,34 @@ class ServedModel:
         arrays = {name: a.astype(np.int64, copy=False) for name, a in tensors.items()}
         return [tasks.Encoded({name: a[row] for name, a in arrays.items()}, s) for row in range(n)]
 
-    async def infer(self, items: list[tasks.Encoded], *, decode: bool, deadline: float,
+    async def infer(self, items: list, *, tokenize: bool, decode: bool, deadline: float,
                     disconnected: Callable[[], Awaitable] | None = None) -> Work:
-        """Queue `items`, wait for every row (and answer, with `decode`); ServeError on refusal, timeout or
-        client gone. `deadline` is a time.monotonic() value; `disconnected` returns once the client left."""
+        """Queue `items` (parsed task items with `tokenize`, else tasks.Encoded), wait for every row (and
+        answer, with `decode`); ServeError on refusal, timeout or client gone, tasks.BadInput on text the
+        tokenizer refuses. `deadline` is a time.monotonic() value; `disconnected` returns once the client left.
+
+        Text goes to the tokenizer thread, which queues it for the copies itself: the request's only wake-up
+        on the event loop is its answer."""
         if not self.ready:
             raise ServeError(503, f"{self.name} is not ready: {self.reason}", retry_after=5)
         future = self._loop.create_future()
         work = Work(items, future, decode=decode)
-        self.batcher.submit(work)
-        # one awaited future, ended by the copies, the deadline or the watcher, whichever comes first
+        if tokenize:
+            self._tokenizer_thread.submit(work)
+        else:
+            self.batcher.submit(work)
+        # one awaited future, ended by the copies, the tokenizer, the deadline or the watcher, whichever comes
+        # first
         timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), _end, future, ServeError(
             504, f"no answer within {self.settings.timeout_s:g} s (timeout_s)"))
-        watcher = None
-        if disconnected is not None:
-            watcher = asyncio.ensure_future(disconnected())
-            watcher.add_done_callback(lambda w: w.cancelled() or _end(future, ServeError(499, "client disconnected")))
+        watch = None if disconnected is None else self._loop.call_later(WATCH_AFTER_S, _watch, future, disconnected)
         try:
             return await future
         finally:    # also when this handler itself is cancelled
             timer.cancel()
-            if watcher is not None:
-                watcher.cancel()
-            work.cancelled = True    # copies skip what is still queued
+            if watch is not None:
+                watch.cancel()
+            work.cancelled = True    # the tokenizer and the copies skip what is still queued
 
     def outputs(self, work: Work) -> dict[str, np.ndarray]:
         """The raw outputs as [n, ...] arrays by output name; per-token rows of different lengths are
@@ -167,10 +173,11 @@ class ServedModel:
 
 
 class TokenizerThread:
-    """Tokenizes off the event loop; requests that arrive together are tokenized in one batched call."""
+    """Tokenizes off the event loop and queues the result for the copies; requests that arrive together are
+    tokenized in one batched call. Only a refusal goes back to the loop (as the request's error)."""
 
-    def __init__(self, task: str, tokenizer, max_seq: int, truncation: bool):
-        self.task, self.tokenizer, self.max_seq, self.truncation = task, tokenizer, max_seq, truncation
+    def __init__(self, task: str, tokenizer, batcher: Batcher, truncation: bool):
+        self.task, self.tokenizer, self.batcher, self.truncation = task, tokenizer, batcher, truncation
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -181,10 +188,9 @@ class TokenizerThread:
     def stop(self) -> None:
         self._jobs.put(None)
 
-    def encode(self, items: list) -> asyncio.Future:
-        future = self._loop.create_future()
-        self._jobs.put((items, future))
-        return future
+    def submit(self, work: Work) -> None:
+        """Tokenize `work.items` (parsed task items), replace them by their encoding and queue the work."""
+        self._jobs.put(work)
 
     def _run(self) -> None:
         while True:
@@ -201,42 +207,50 @@ class TokenizerThread:
                     self._jobs.put(None)     # finish these, then stop
                     break
                 jobs.append(more)
-            self._loop.call_soon_threadsafe(_settle, jobs, self._encode(jobs))
+            works = [w for w in jobs if not w.cancelled]     # timed out or client gone while waiting here
+            for work, result in zip(works, self._encode(works)):
+                if not isinstance(result, Exception):
+                    work.items = result
+                    try:
+                        self.batcher.submit(work)
+                        continue
+                    except ServeError as e:
+                        result = e
+                self._loop.call_soon_threadsafe(_end, work.future, result)
 
-    def _encode(self, jobs: list) -> list:
+    def _encode(self, works: list[Work]) -> list:
         def one(items):
-            return tasks.encode(self.task, self.tokenizer, items, self.max_seq, self.truncation)
+            return tasks.encode(self.task, self.tokenizer, items, self.batcher.max_seq, self.truncation)
 
-        if len(jobs) > 1:
+        if len(works) > 1:
             try:
-                flat = one([item for items, _ in jobs for item in items])
+                flat = one([item for w in works for item in w.items])
             except Exception:
                 pass    # some request's input is bad: tokenize one by one to tell whose
             else:
                 out, at = [], 0
-                for items, _ in jobs:
-                    out.append(flat[at:at + len(items)])
-                    at += len(items)
+                for w in works:
+                    out.append(flat[at:at + len(w.items)])
+                    at += len(w.items)
                 return out
         out = []
-        for items, _ in jobs:
+        for w in works:
             try:
-                out.append(one(items))
+                out.append(one(w.items))
             except Exception as e:
                 out.append(e)
         return out
 
 
-def _end(future: asyncio.Future, error: ServeError) -> None:
+def _end(future: asyncio.Future, error: Exception) -> None:
     if not future.done():
         future.set_exception(error)
 
 
-def _settle(jobs: list, results: list) -> None:
-    for (_, future), result in zip(jobs, results):
-        if future.done():
-            continue
-        if isinstance(result, Exception):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
+def _watch(future: asyncio.Future, disconnected: Callable[[], Awaitable]) -> None:
+    """Watch for the client's departure, for as long as its request still waits."""
+    if future.done():
+        return
+    watcher = asyncio.ensure_future(disconnected())
+    watcher.add_done_callback(lambda w: w.cancelled() or _end(future, ServeError(499, "client disconnected")))
+    future.add_done_callback(lambda f: watcher.cancel())

@@ -181,9 +181,8 @@ def test_batched_answers_equal_one_by_one(artifact, tokenizer):
         await started(model)
         loader.armed.set()
         try:
-            encoded = await model.tokenize(texts)
-            works = await asyncio.gather(*(model.infer(encoded[i:i + 3], decode=True, deadline=time.monotonic() + 60)
-                                           for i in range(0, 9, 3)))
+            works = await asyncio.gather(*(model.infer(texts[i:i + 3], tokenize=True, decode=True,
+                                                       deadline=time.monotonic() + 60) for i in range(0, 9, 3)))
         finally:
             model.close()
         return model, works
@@ -204,13 +203,13 @@ def test_client_gone_is_dropped_and_timeout_gets_504_then_the_copy_is_replaced(a
         await started(model)
         loader.armed.set()
         try:
-            first = await model.tokenize(["the copy hangs in this one"])
-            second = await model.tokenize(["this client leaves while queued"])
-            hung = asyncio.ensure_future(model.infer(first, decode=False, deadline=time.monotonic() + 1.0))
+            hung = asyncio.ensure_future(model.infer(["the copy hangs in this one"], tokenize=True, decode=False,
+                                                     deadline=time.monotonic() + 1.0))
             while not loader.entered.is_set():
                 await asyncio.sleep(0.01)
             left = asyncio.Event()
-            queued = asyncio.ensure_future(model.infer(second, decode=False, deadline=time.monotonic() + 30,
+            queued = asyncio.ensure_future(model.infer(["this client leaves while queued"], tokenize=True,
+                                                       decode=False, deadline=time.monotonic() + 30,
                                                        disconnected=left.wait))
             await asyncio.sleep(0.05)
             left.set()
@@ -223,7 +222,7 @@ def test_client_gone_is_dropped_and_timeout_gets_504_then_the_copy_is_replaced(a
             while loader.loads < 8:
                 assert time.monotonic() < deadline, "no replacement copy was loaded"
                 await asyncio.sleep(0.05)
-            after = await model.infer(await model.tokenize(["served by the replacement"]), decode=True,
+            after = await model.infer(["served by the replacement"], tokenize=True, decode=True,
                                       deadline=time.monotonic() + 60)
             return gone.value, timed_out.value, after, model
         finally:

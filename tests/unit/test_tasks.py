@@ -186,6 +186,36 @@ def test_decode_qa_always_returns_a_span_of_the_context(tokenizer, seed, words):
     assert 0.0 <= ans["score"] <= 1.0
 
 
+def _brute_force_qa(start_logits, end_logits, enc):
+    """The answer by definition: softmax over the context tokens, every span of at most MAX_ANSWER_TOKENS, the
+    first best in (start, end) order."""
+    ctx = np.flatnonzero(enc.sequence_ids == 1)
+    first, n = int(ctx[0]), len(ctx)
+    s, e = (np.asarray(o[first:first + n], dtype=np.float32).astype(np.float64) for o in (start_logits, end_logits))
+    ps, pe = np.exp(s - s.max()), np.exp(e - e.max())
+    ps, pe = ps / ps.sum(), pe / pe.sum()
+    best = None
+    for i in range(n):
+        for j in range(i, min(n, i + tasks.MAX_ANSWER_TOKENS)):
+            if best is None or ps[i] * pe[j] > best[0]:
+                best = (ps[i] * pe[j], i, j)
+    score, i, j = best
+    start, end = int(enc.offsets[first + i, 0]), int(enc.offsets[first + j, 1])
+    return {"answer": enc.context[start:end], "score": float(score), "start": start, "end": end}
+
+
+logit = st.one_of(st.integers(-3, 3).map(float), st.floats(-40, 40, width=32))     # small integers: exact ties
+
+
+@settings(max_examples=60, deadline=None)
+@given(words=st.integers(1, 140), logits=st.lists(logit, min_size=256, max_size=256))
+def test_decode_qa_equals_the_brute_force_answer_exactly(tokenizer, words, logits):
+    enc = _qa_item(tokenizer, "Which word?", " ".join(f"w{i}" for i in range(words)))     # long ones are cut
+    start, end = np.asarray(logits[:128], dtype=np.float32), np.asarray(logits[128:], dtype=np.float32)
+    assert tasks.decode("question-answering", manifest("question-answering"), [start, end], enc) == \
+        _brute_force_qa(start, end, enc)
+
+
 def test_decode_classification_softmax_sorted():
     m = manifest("text-classification", labels={"0": "NEGATIVE", "1": "POSITIVE", "2": "NEUTRAL"})
     out = tasks.decode("text-classification", m, [np.array([0.5, 2.0, -1.0], dtype=np.float32)], None)
