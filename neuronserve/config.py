@@ -137,6 +137,9 @@ class CpuSection(_Section):
         True, description="a lone batch (nothing else queued in its group) also runs on the CPUs of CPU groups "
                           "that are idle at that moment, with as many more threads; kept per bucket only where "
                           "measured faster")
+    lend_min_batch_ms: float = Field(
+        50.0, ge=0, description="lend only for buckets whose batch takes at least this long on the group's own "
+                                "CPUs: re-sizing torch's thread pools costs milliseconds of CPU around a lent batch")
 
 
 class ModelSection(_Section):

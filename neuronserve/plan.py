@@ -170,7 +170,8 @@ def make_plan(cfg: Config, host: Host, *, python: str | None = None) -> Plan:
                 backend=host.backend, copies=m.copies, threads=int(pin.get("NEURONSERVE_THREADS", 1)),
                 cpus=format_core_list(cpus), max_batch_delay_ms=m.max_batch_delay_ms, max_queue=m.max_queue,
                 truncation=m.truncation, timeout_s=cfg.server.timeout_s, log_level=cfg.server.log_level,
-                lend_dir=LEND_DIR if host.backend == "cpu" and cfg.cpu.lend_idle_cpus else "")
+                lend_dir=LEND_DIR if host.backend == "cpu" and cfg.cpu.lend_idle_cpus else "",
+                lend_min_batch_ms=cfg.cpu.lend_min_batch_ms)
             env = {**pin, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
             groups.append(Group(name=gname, model=name, index=i, cores=cores, cpus=cpus, port=port,
                                 settings=settings, env=env))

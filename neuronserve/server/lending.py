@@ -20,8 +20,11 @@ under systemd), two per CPU:
   right back: it is not borrowed from unless it has been busy less than BUSY_BELOW of the time.
 
 flocks die with their process, so a crashed group never leaves a CPU taken. Whether lending pays depends on the
-model and the bucket (a tiny batch loses more to thread wake-ups than it gains): per bucket, lending stops once
-two lent batches were not clearly faster than the fastest own one.
+model and the bucket. Re-sizing torch's thread pools and clearing its oneDNN cache (torch.set_num_threads does
+both) costs milliseconds of CPU around a lent batch, outside the batch itself: a tiny BERT's 5 ms batches served
+half as many requests per second at concurrency 1 with lending. So only buckets whose fastest own batch takes
+at least `min_batch_s` are lent, and per bucket lending stops once two lent batches were not clearly faster
+than the fastest own one.
 """
 from __future__ import annotations
 
@@ -116,18 +119,20 @@ def for_group(settings, on_lent: Callable[[], None]) -> "Lending | None":
         return None
     # an owner waits this long for a borrowed CPU before running anyway: well inside the request timeout
     return Lending(Path(settings.lend_dir), parse_core_list(settings.cpus), threads=settings.threads,
-                   patience_s=settings.timeout_s / 4, on_lent=on_lent)
+                   patience_s=settings.timeout_s / 4, min_batch_s=settings.lend_min_batch_ms / 1000,
+                   on_lent=on_lent)
 
 
 class Lending:
     """One group's side: its own CPUs, its published load, and what lending measured per bucket."""
 
-    def __init__(self, directory: Path, own: list[int], *, threads: int, patience_s: float,
+    def __init__(self, directory: Path, own: list[int], *, threads: int, patience_s: float, min_batch_s: float,
                  set_threads: Callable[[int], None] | None = None, on_lent: Callable[[], None] = lambda: None):
         self.directory = Path(directory)
         self.own = sorted(own)
         self.threads = threads
         self.patience_s = patience_s
+        self.min_batch_s = min_batch_s
         self.on_lent = on_lent
         if set_threads is None:
             import torch
@@ -157,8 +162,8 @@ class Lending:
 
     def lends(self, bucket: tuple[int, int]) -> bool:
         lent = self._lent.get(bucket, ())
-        best = self._own_best.get(bucket)
-        return len(lent) < 2 or best is None or min(lent) < FASTER * best
+        best = self._own_best.get(bucket)     # known from the warm-up on: every bucket runs there, own CPUs only
+        return best is not None and best >= self.min_batch_s and (len(lent) < 2 or min(lent) < FASTER * best)
 
     def record(self, bucket: tuple[int, int], seconds: float, *, lent: bool) -> None:
         """One batch's time, for `lends`."""

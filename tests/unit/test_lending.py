@@ -36,8 +36,10 @@ def groups(tmp_path):
     made = {}
     for name, own in (("a", A_CPU), ("b", B_CPU)):
         lent = []
-        lending = Lending(tmp_path, [own], threads=1, patience_s=5.0, set_threads=Threads(),
+        # min_batch_s 0: the batches here are instant
+        lending = Lending(tmp_path, [own], threads=1, patience_s=5.0, min_batch_s=0.0, set_threads=Threads(),
                           on_lent=lambda lent=lent: lent.append(1))
+        lending.record(BUCKET, 0.1, lent=False)             # as the warm-up does
         lending.lent_count = lent
         made[name] = lending
     before = os.sched_getaffinity(0)
@@ -139,10 +141,12 @@ def test_the_owner_waits_for_a_lent_batch_then_runs(groups):
 
 def test_a_cpu_whose_group_is_gone_is_not_borrowed(tmp_path):
     """The files of a group that stopped stay behind; its CPU may now serve something else."""
-    a = Lending(tmp_path, [A_CPU], threads=1, patience_s=5.0, set_threads=Threads())
+    a = Lending(tmp_path, [A_CPU], threads=1, patience_s=5.0, min_batch_s=0.0, set_threads=Threads())
+    a.record(BUCKET, 0.1, lent=False)
     subprocess.run([sys.executable, "-c", (
         "from neuronserve.server.lending import Lending\n"
-        f"Lending({str(tmp_path)!r}, [{B_CPU}], threads=1, patience_s=1, set_threads=print)\n")], check=True)
+        f"Lending({str(tmp_path)!r}, [{B_CPU}], threads=1, patience_s=1, min_batch_s=0, set_threads=print)\n")],
+        check=True)
     assert a.others() == [B_CPU]
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {A_CPU})
@@ -163,7 +167,7 @@ def test_a_hung_borrower_costs_the_owner_at_most_its_patience(tmp_path):
         stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "locked"
-        b = Lending(tmp_path, [B_CPU], threads=1, patience_s=0.3, set_threads=Threads())
+        b = Lending(tmp_path, [B_CPU], threads=1, patience_s=0.3, min_batch_s=0.0, set_threads=Threads())
         start = time.monotonic()
         with b.seat().run(BUCKET, lone=False):
             waited = time.monotonic() - start
@@ -188,15 +192,19 @@ def test_the_watchdog_gives_back_a_stuck_copys_borrowed_cpus(groups):
 
 def test_lending_stops_for_a_bucket_where_it_is_not_faster(groups):
     a, b = groups
-    a.record(BUCKET, 0.010, lent=False)                 # the fastest own batch
-    a.record(BUCKET, 0.012, lent=True)
+    a.record(BUCKET, 0.050, lent=False)                 # the fastest own batch, from the warm-up
+    a.record(BUCKET, 0.060, lent=True)
     assert a.lends(BUCKET)                              # one slow lent batch may be a cold thread pool
-    a.record(BUCKET, 0.0095, lent=True)
-    assert not a.lends(BUCKET)                          # 0.95 of own: not worth the other group's CPU
+    a.record(BUCKET, 0.048, lent=True)
+    assert not a.lends(BUCKET)                          # 0.96 of own: not worth the other group's CPU
     with a.seat().run(BUCKET, lone=True):
         assert os.sched_getaffinity(0) == {A_CPU}
-    assert a.lends((4, 128))                            # other buckets decide for themselves
-    a.record((4, 128), 0.020, lent=False)
-    a.record((4, 128), 0.013, lent=True)
-    a.record((4, 128), 0.012, lent=True)
+    assert not a.lends((4, 128))                        # not known from the warm-up: never lent
+    a.record((4, 128), 0.200, lent=False)               # other buckets decide for themselves
+    a.record((4, 128), 0.130, lent=True)
+    a.record((4, 128), 0.120, lent=True)
+    assert a.lends((4, 128))
+    a.min_batch_s = 0.05
+    a.record((8, 32), 0.010, lent=False)                # too short: the thread pools' re-sizing costs more
+    assert not a.lends((8, 32))
     assert a.lends((4, 128))
