@@ -73,7 +73,7 @@ def toml_value(v) -> str:
 
 
 def build_stack(workdir: Path, model_repo: Path, models: dict[str, dict], nginx: dict | None = None,
-                server: dict | None = None, cpu: dict | None = None) -> Stack:
+                server: dict | None = None, cpu_keys: dict | None = None) -> Stack:
     """Write a config for `models` ({name: extra keys}), plan it on two CPU cores, return an unstarted Stack."""
     workdir.mkdir(parents=True, exist_ok=True)
     groups = sum(int(keys.get("groups", 1)) for keys in models.values())
@@ -83,7 +83,7 @@ def build_stack(workdir: Path, model_repo: Path, models: dict[str, dict], nginx:
     nginx = {"listen": f"127.0.0.1:{base}", **(nginx or {})}
     text = ("[server]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in server.items())
             + "[nginx]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in nginx.items())
-            + "[cpu]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in (cpu or {}).items())
+            + "[cpu]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in (cpu_keys or {}).items())
             + "".join(model_table(name, **keys) for name, keys in models.items()))
     path = workdir / "neuronserve.toml"
     path.write_text(text)
