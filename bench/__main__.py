@@ -4,16 +4,19 @@ For each model (bert-base, then tiny):
   1. build and compile it (kept under bench-results/work between runs);
   2. the in-process ceiling: every batch size, one pinned process per core group, all at once; the batch-1
      latency of a lone caller on one group and on all CPUs;
-  3. neuronserve (one group per CPU behind nginx), then the baseline (one pinned hypercorn process per CPU):
-     start, check one answer from every backend, warm every bucket with a short unmeasured burst, then for
-     each concurrency: drain (a checked request to every backend must come back at batch-1 speed), run wrk
-     closed loop, record throughput (counted after a ramp: see bench/wrk.py), latency and the CPU the system's
-     processes used.
+  3. neuronserve (one group per CPU behind nginx) and the baseline (one pinned hypercorn process per CPU), both
+     up at once: start, check one answer from every backend, warm every bucket with a short unmeasured burst;
+     then for each concurrency and each system in turn (their levels interleaved): measure the ceiling's best
+     batch again (kept loaded in its pinned processes), run wrk closed loop, record throughput (counted after
+     a ramp: see bench/wrk.py), latency and the CPU the system's processes used, drain (a checked request to
+     every backend must come back at batch-1 speed). A last ceiling measurement closes the run: every level is
+     compared with the ceiling measured on either side of it, since this host's speed drifts over minutes.
 Writes bench-results/results.{md,json} and prints the table.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import time
@@ -30,6 +33,8 @@ from bench.systems import PAYLOAD, BaselineSystem, NeuronserveSystem
 DURATION = {"bert-base": 45.0, "tiny": 10.0}
 RAMP = {"bert-base": 9.0, "tiny": 2.0}
 CEILING_SECONDS = {"bert-base": 8.0, "tiny": 4.0}
+# the ceiling's best batch measured again before every level: at least 3 calls (7 s at BERT-base's batch 4)
+PROBE_SECONDS = {"bert-base": 6.0, "tiny": 2.0}
 LEVELS = [1, 4, 16, 64]
 # neuronserve's tuning for the run (the config a 1-CPU group wants: one copy, one thread, no added delay)
 TUNING = dict(copies=1, threads_per_copy=1, max_batch_delay_ms=0.0)
@@ -49,47 +54,74 @@ def drain(system, b1_latency_s: float, limit_s: float = 300.0) -> None:
             raise RuntimeError(f"{system.label} did not drain within {limit_s:g} s")
 
 
-def measure_system(system, name: str, result: dict, levels: list[int], duration: float, ramp: float) -> list[dict]:
+def measure_systems(systems: list, result: dict, model_dir: Path, cpus: list[int], levels: list[int],
+                    duration: float, ramp: float, probe_s: float) -> dict[str, list[dict]]:
+    """Every system up at once, their levels interleaved (c=1 of each, then c=4 of each, ...), and the ceiling's
+    best batch measured again before every level and after the last: each level is compared with the ceiling
+    taken on either side of it, and with the other system's level next to it."""
     ceil = result["ceiling"]
     b1 = ceil["latency_group"]["median_s"]
-    rows = []
-    system.start()
-    try:
-        system.probe()
-        # every bucket once at least, so no level pays for TorchScript's first-call optimisation
-        warm = max(levels)
-        log(f"  {system.label}: warm-up burst at concurrency {warm}")
-        wrk.run(system.targets, warm, min(duration, max(4.0, 6 * best_call(ceil))))
-        for c in levels:
+    best = report.best_ceiling(ceil)
+    rows: dict[str, list[dict]] = {s.label: [] for s in systems}
+    order = []
+    with contextlib.ExitStack() as stack:
+        ref = stack.enter_context(ceiling.Reference(model_dir, PAYLOAD, best["batch"], [[c] for c in cpus]))
+        for system in systems:
+            log(f"  {system.label}: starting")
+            system.start()
+            stack.callback(system.stop)
+            system.probe()
+            # every bucket once at least, so no level pays for TorchScript's first-call optimisation
+            warm = max(levels)
+            log(f"  {system.label}: warm-up burst at concurrency {warm}")
+            wrk.run(system.targets, warm, min(duration, max(4.0, 6 * best_call(ceil))))
             drain(system, b1)
-            before = system.batches()
-            cpu0, host0, wrk0 = cpu.cpu_seconds(system.pids), cpu.host_busy_seconds(), cpu.children_seconds()
-            res = wrk.run(system.targets, c, duration, ramp_s=ramp, timeout_s=120)
-            cpu1, host1, wrk1 = cpu.cpu_seconds(system.pids), cpu.host_busy_seconds(), cpu.children_seconds()
-            after = system.batches()
-            if before is None:
-                model_cpu = res.ok * report.per_call_at(ceil, 1)
-            else:
-                d = [a - b for a, b in zip(after, before)]
-                model_cpu = report.model_cpu_seconds(ceil, d[0], d[1], d[2])
-            # throughput over the window after the ramp; the counts and CPU over the whole level, wrk's own rate
-            # (biased low by the time to the first answer) beside it
-            row = {"concurrency": c, "throughput": res.throughput, "p50": res.p50, "p90": res.p90, "p99": res.p99,
-                   "max": res.max, "completed": res.completed, "errors": res.errors, "duration_s": res.duration_s,
-                   "throughput_whole": res.throughput_whole, "ramp_s": res.ramp_s, "window_s": res.window_s,
-                   "window_completed": res.window_completed, "first_s": res.first_s, "last_s": res.last_s,
-                   "cpu_s": cpu1 - cpu0, "model_cpu_s": model_cpu, "client_cpu_s": wrk1 - wrk0,
-                   # CPU that neither the system nor the client used: other work on the host, a noisy level
-                   "foreign_cpu_s": max(0.0, (host1 - host0) - (cpu1 - cpu0) - (wrk1 - wrk0))}
-            rows.append(row)
-            log(f"  {system.label} c={c}: {res.throughput:.2f} req/s after {ramp:g} s "
-                f"({res.throughput_whole:.2f} over the whole level), p50 {fmt_ms(res.p50)} p99 {fmt_ms(res.p99)} ms"
-                f"{', errors ' + str(res.errors) if res.errors else ''}; CPU {row['cpu_s']:.1f} s "
-                f"(model ~{model_cpu:.1f} s), client {row['client_cpu_s']:.1f} s, other {row['foreign_cpu_s']:.1f} s")
-        drain(system, b1)
-    finally:
-        system.stop()
+        probes = []
+        for c in levels:
+            for system in systems:
+                probes.append(vars(ref.measure(probe_s)))
+                log(f"  ceiling batch {best['batch']}: {probes[-1]['items_per_s']:.2f} items/s")
+                rows[system.label].append(measure_level(system, c, ceil, duration, ramp))
+                order.append(rows[system.label][-1])
+                drain(system, b1)
+        probes.append(vars(ref.measure(probe_s)))
+        log(f"  ceiling batch {best['batch']}: {probes[-1]['items_per_s']:.2f} items/s")
+    for row, before, after in zip(order, probes, probes[1:]):
+        row["ceiling"] = {"batch": best["batch"], "before": before["items_per_s"], "after": after["items_per_s"],
+                          **{k: (before[k] + after[k]) / 2 for k in ("items_per_s", "per_call_s", "per_call_cpu_s")}}
+        # the model's CPU per call at the time of the level: the sweep's figures scaled by the drift since
+        row["model_cpu_s"] *= row["ceiling"]["per_call_cpu_s"] / best["per_call_cpu_s"]
     return rows
+
+
+def measure_level(system, c: int, ceil: dict, duration: float, ramp: float) -> dict:
+    before = system.batches()
+    cpu0, host0, wrk0 = cpu.cpu_seconds(system.pids), cpu.host_busy_seconds(), cpu.children_seconds()
+    res = wrk.run(system.targets, c, duration, ramp_s=ramp, timeout_s=120)
+    cpu1, host1, wrk1 = cpu.cpu_seconds(system.pids), cpu.host_busy_seconds(), cpu.children_seconds()
+    after = system.batches()
+    if before is None:
+        batches, items = res.ok, res.ok
+        model_cpu = res.ok * report.per_call_at(ceil, 1)
+    else:
+        batches, fill, items = (a - b for a, b in zip(after, before))
+        model_cpu = report.model_cpu_seconds(ceil, batches, fill, items)
+    # throughput over the window after the ramp; the counts and CPU over the whole level, wrk's own rate
+    # (biased low by the time to the first answer) beside it
+    row = {"concurrency": c, "throughput": res.throughput, "p50": res.p50, "p90": res.p90, "p99": res.p99,
+           "max": res.max, "completed": res.completed, "errors": res.errors, "duration_s": res.duration_s,
+           "throughput_whole": res.throughput_whole, "ramp_s": res.ramp_s, "window_s": res.window_s,
+           "window_completed": res.window_completed, "first_s": res.first_s, "last_s": res.last_s,
+           "batches": batches, "batch_items": items, "cpu_s": cpu1 - cpu0, "model_cpu_s": model_cpu, "client_cpu_s": wrk1 - wrk0,
+           # CPU that neither the system nor the client used: other work on the host, a noisy level
+           "foreign_cpu_s": max(0.0, (host1 - host0) - (cpu1 - cpu0) - (wrk1 - wrk0))}
+    log(f"  {system.label} c={c}: {res.throughput:.2f} req/s after {ramp:g} s "
+        f"({res.throughput_whole:.2f} over the whole level), p50 {fmt_ms(res.p50)} p99 {fmt_ms(res.p99)} ms"
+        f"{', errors ' + str(res.errors) if res.errors else ''}; {items / max(batches, 1):.2f} items per batch; "
+        f"CPU {row['cpu_s']:.1f} s "
+        f"(model ~{model_cpu:.1f} s at the sweep's speed), client {row['client_cpu_s']:.1f} s, "
+        f"other {row['foreign_cpu_s']:.1f} s")
+    return row
 
 
 def best_call(ceil: dict) -> float:
@@ -155,13 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{name}: preparing")
         model_dir = models.prepare(name, work, log=lambda m: log(m))
         result: dict = {"name": name, "cpus": len(cpus), "ceiling": measure_ceiling(name, model_dir, cpus)}
-        for system_name in args.systems.split(","):
-            if system_name == "neuronserve":
-                system = NeuronserveSystem(name, work, cpus, batch_sizes=models.BATCH_SIZES[name], **TUNING)
-            else:
-                system = BaselineSystem(name, model_dir, work, cpus)
-            log(f"{name}: {system.label}")
-            result[system_name] = measure_system(system, name, result, levels, duration, ramp)
+        systems = [NeuronserveSystem(name, work, cpus, batch_sizes=models.BATCH_SIZES[name], **TUNING)
+                   if system_name == "neuronserve" else BaselineSystem(name, model_dir, work, cpus)
+                   for system_name in args.systems.split(",")]
+        log(f"{name}: {', '.join(s.label for s in systems)}, levels interleaved")
+        result.update(measure_systems(systems, result, model_dir, cpus, levels, duration, ramp, PROBE_SECONDS[name]))
         results[name] = result
     meta = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": len(cpus),
             "cpu_model": cpu_model(), "levels": levels, "tuning": TUNING,

@@ -75,12 +75,74 @@ def _timed_calls(run, inputs, min_s: float, min_calls: int) -> tuple[list[float]
     return times, time.process_time() - cpu0
 
 
-def _throughput_worker(model_dir, payload, batch, cpus, seconds, barrier, results):
+def _reference_worker(model_dir, payload, batch, cpus, conn):
+    """Load once, then for every `seconds` received run back to back for that long and send the figures back;
+    None ends it."""
     run, inputs = _load(Path(model_dir), payload, batch, cpus, len(cpus))
-    barrier.wait()
-    t0 = time.perf_counter()
-    times, cpu_s = _timed_calls(run, inputs, seconds, 3)
-    results.put((len(times) * batch, time.perf_counter() - t0, statistics.fmean(times), cpu_s / len(times)))
+    conn.send("ready")
+    while (seconds := conn.recv()) is not None:
+        t0 = time.perf_counter()
+        times, cpu_s = _timed_calls(run, inputs, seconds, 3)
+        conn.send((len(times) * batch, time.perf_counter() - t0, statistics.fmean(times), cpu_s / len(times)))
+
+
+class Reference:
+    """The ceiling at one batch size, kept loaded in one pinned process per core group, so that it can be
+    measured again at any time: beside every served level, since this host's speed drifts by 10 % and more over
+    minutes, and a ratio holds only between figures taken side by side.
+
+        with Reference(model_dir, payload, batch, groups) as ref:
+            ref.measure(seconds) -> Throughput
+    """
+
+    def __init__(self, model_dir: Path, payload: dict, batch: int, groups: list[list[int]]):
+        ctx = mp.get_context("spawn")      # a fresh interpreter per group: no torch thread pool inherited
+        self.batch = batch
+        self._conns, self._procs = [], []
+        for g in groups:
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_reference_worker, args=(str(model_dir), payload, batch, g, child), daemon=True)
+            p.start()
+            self._conns.append(parent)
+            self._procs.append(p)
+
+    def __enter__(self) -> "Reference":
+        try:
+            for c in self._conns:
+                self._recv(c)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def measure(self, seconds: float) -> Throughput:
+        """Every group at once (all loaded and waiting, so they start within a millisecond), for `seconds`."""
+        for c in self._conns:
+            c.send(seconds)
+        got = [self._recv(c) for c in self._conns]
+        return Throughput(batch=self.batch, items_per_s=sum(items / elapsed for items, elapsed, _, _ in got),
+                          per_call_s=statistics.fmean(g[2] for g in got),
+                          per_call_cpu_s=statistics.fmean(g[3] for g in got))
+
+    @staticmethod
+    def _recv(conn, timeout: float = 600.0):
+        if not conn.poll(timeout):
+            raise RuntimeError("a ceiling process did not answer")
+        return conn.recv()
+
+    def close(self) -> None:
+        for c in self._conns:
+            try:
+                c.send(None)
+            except OSError:
+                pass
+        for p in self._procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
 
 
 def _latency_worker(model_dir, payload, cpus, threads, seconds, results):
@@ -90,21 +152,8 @@ def _latency_worker(model_dir, payload, cpus, threads, seconds, results):
 
 def throughput(model_dir: Path, payload: dict, batch: int, groups: list[list[int]], seconds: float) -> Throughput:
     """All groups at once, each calling batch `batch` back to back for `seconds`."""
-    ctx = mp.get_context("spawn")      # a fresh interpreter per group: no torch thread pool inherited
-    barrier, results = ctx.Barrier(len(groups)), ctx.Queue()
-    procs = [ctx.Process(target=_throughput_worker, args=(str(model_dir), payload, batch, g, seconds, barrier,
-                                                          results)) for g in groups]
-    for p in procs:
-        p.start()
-    try:
-        got = [results.get(timeout=600) for _ in procs]
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return Throughput(batch=batch, items_per_s=sum(items / elapsed for items, elapsed, _, _ in got),
-                      per_call_s=statistics.fmean(g[2] for g in got), per_call_cpu_s=statistics.fmean(g[3] for g in got))
+    with Reference(model_dir, payload, batch, groups) as ref:
+        return ref.measure(seconds)
 
 
 def latency(model_dir: Path, payload: dict, cpus: list[int], threads: int, seconds: float) -> Latency:

@@ -10,10 +10,13 @@ A model's result (plain JSON-able dicts, as written to bench-results/results.jso
 
     level = {"concurrency", "throughput", "p50", "p90", "p99", "max", "completed", "errors", "duration_s",
              "cpu_s", "model_cpu_s", "client_cpu_s", "foreign_cpu_s",
-             "throughput_whole", "ramp_s", "window_s", "window_completed", "first_s", "last_s"}
+             "throughput_whole", "ramp_s", "window_s", "window_completed", "first_s", "last_s",
+             "ceiling": {"batch", "items_per_s", "per_call_s", "per_call_cpu_s", "before", "after"}}
 
 `throughput` is counted in the window after the level's ramp (bench/wrk.py), `throughput_whole` over the whole
-level as wrk reports it; the counts, CPU seconds and latencies cover the whole level.
+level as wrk reports it; the counts, CPU seconds and latencies cover the whole level. A level's "ceiling" is the
+ceiling's best batch measured right before and right after it (their mean; absent in older results, where the
+sweep's best stands in): the host's speed drifts over minutes, so each level is held against its own.
 
 Only ratios within one run are compared: the machine's speed cancels out.
 """
@@ -33,6 +36,19 @@ TARGET_CAPACITY = 2000.0      # requests/s per core the serving path sustains (i
 def best_ceiling(ceiling: dict) -> dict:
     """The batch size with the most items/s."""
     return max(ceiling["throughput"], key=lambda r: r["items_per_s"])
+
+
+def level_ceiling(level: dict | None, ceiling: dict) -> float:
+    """Items/s of the ceiling measured beside `level` (the sweep's best where the level has none)."""
+    ref = level and level.get("ceiling")
+    return ref["items_per_s"] if ref else best_ceiling(ceiling)["items_per_s"]
+
+
+def drift(level: dict, ceiling: dict) -> float:
+    """CPU per call of the ceiling beside `level` over the sweep's, at the best batch: > 1 when the host got
+    slower since the sweep."""
+    ref = level.get("ceiling")
+    return ref["per_call_cpu_s"] / best_ceiling(ceiling)["per_call_cpu_s"] if ref else 1.0
 
 
 def per_call_at(ceiling: dict, batch: float, key: str = "per_call_cpu_s") -> float:
@@ -73,6 +89,7 @@ def cpu_efficiency(level: dict, ceiling: dict) -> float | None:
     """Requests answered per CPU-second of the system's processes, over the ceiling's items per CPU-second at
     its most efficient batch size: robust to other work on the host, which a throughput ratio is not."""
     best = max(r["batch"] / r["per_call_cpu_s"] for r in ceiling["throughput"] if r.get("per_call_cpu_s"))
+    best /= drift(level, ceiling)
     ok = level["completed"] - level["errors"].get("status", 0)
     return ok / level["cpu_s"] / best if level.get("cpu_s") else None
 
@@ -93,8 +110,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def ratio_rows(result: dict) -> list[dict]:
-    """Per concurrency: the throughputs and the ratios the issue asks for."""
-    ceiling = best_ceiling(result["ceiling"])["items_per_s"]
+    """Per concurrency: the throughputs and the ratios the issue asks for, each system's against the ceiling
+    measured beside its own level."""
     ns, base = result.get("neuronserve", []), result.get("baseline", [])
     levels = sorted({lv["concurrency"] for lv in ns + base})
     rows = []
@@ -102,9 +119,10 @@ def ratio_rows(result: dict) -> list[dict]:
         n, b = _at(ns, c), _at(base, c)
         ns_tp = n["throughput"] if n else None
         base_tp = b["throughput"] if b else None
+        ceiling = level_ceiling(n or b, result["ceiling"])
         rows.append({"concurrency": c, "ceiling": ceiling, "neuronserve": ns_tp, "baseline": base_tp,
                      "neuronserve_over_ceiling": _ratio(ns_tp, ceiling),
-                     "baseline_over_ceiling": _ratio(base_tp, ceiling),
+                     "baseline_over_ceiling": _ratio(base_tp, level_ceiling(b, result["ceiling"])),
                      "neuronserve_over_baseline": _ratio(ns_tp, base_tp),
                      "neuronserve_p50": n and n["p50"], "neuronserve_p99": n and n["p99"],
                      "baseline_p50": b and b["p50"], "baseline_p99": b and b["p99"],
@@ -191,9 +209,10 @@ def markdown(results: dict[str, dict], meta: dict) -> str:
         s = summary(result)
         lines += [f"## {name}", "",
                   f"In-process ceiling: {_n(s['ceiling_items_per_s'])} items/s (batch {s['ceiling_batch']}, "
-                  f"one process per core group); batch-1 latency {_ms(s['inprocess_b1_group_s'])} ms on one "
+                  f"one process per core group, swept before the levels; measured again beside each level: the table's "
+                  f"ceiling column); batch-1 latency {_ms(s['inprocess_b1_group_s'])} ms on one "
                   f"group, {_ms(s['inprocess_b1_all_s'])} ms on all CPUs.", "",
-                  "| concurrency | ceiling items/s | neuronserve req/s | baseline req/s | neuronserve / ceiling "
+                  "| concurrency | ceiling items/s beside the level | neuronserve req/s | baseline req/s | neuronserve / ceiling "
                   "| neuronserve / baseline | neuronserve p50 / p99 ms | baseline p50 / p99 ms "
                   "| CPU efficiency vs ceiling: neuronserve / baseline | other load (CPUs) |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -294,6 +294,40 @@ def test_ratio_rows_summary_and_targets():
     assert "| NO |" in md and "baseline c=64: {'status': 3}" in md
 
 
+def test_each_level_is_held_against_the_ceiling_measured_beside_it():
+    """The host's speed drifts: a level measured while the ceiling ran at 20 items/s (CPU per call 0.2 s, 1.25x
+    the sweep's 0.16 s) is compared with 20, and its CPU efficiency with the slower ceiling too."""
+    slow = {"batch": 2, "items_per_s": 20.0, "per_call_s": 0.2, "per_call_cpu_s": 0.2, "before": 21.0, "after": 19.0}
+    ns = {**_level(4, 19.6, 0.3, cpu_s=10.0, model=8.0), "ceiling": slow}
+    base = _level(4, 10.0, 0.6)     # no ceiling of its own: the sweep's best (25) stands in
+    result = {"name": "bert-base", "ceiling": _ceiling(), "neuronserve": [ns], "baseline": [base]}
+    row = report.ratio_rows(result)[0]
+    assert row["ceiling"] == 20.0
+    assert row["neuronserve_over_ceiling"] == pytest.approx(0.98)
+    assert row["baseline_over_ceiling"] == pytest.approx(10.0 / 25.0)
+    assert report.drift(ns, result["ceiling"]) == pytest.approx(1.25)
+    # 196 requests on 10 CPU-s against the ceiling's 2 / 0.16 items per CPU-s, made 1.25x dearer
+    assert row["neuronserve_cpu_efficiency"] == pytest.approx(19.6 / (12.5 / 1.25))
+    assert report.summary(result)["min_over_ceiling_c4_up"] == pytest.approx(0.98)
+
+
+@pytest.mark.slow
+def test_the_ceiling_reference_stays_loaded_and_measures_again(compiled_tiny):
+    from bench.ceiling import Reference
+    from bench.systems import PAYLOAD
+
+    cpus = sorted(os.sched_getaffinity(0))
+    with Reference(compiled_tiny, PAYLOAD, 1, [[c] for c in cpus]) as ref:
+        pids = [p.pid for p in ref._procs]
+        first, second = ref.measure(0.2), ref.measure(0.2)
+        assert [p.pid for p in ref._procs] == pids and all(p.is_alive() for p in ref._procs)
+    for t in (first, second):
+        assert t.batch == 1 and t.items_per_s > 0 and 0 < t.per_call_s < 0.2
+        # >= 3 calls per group in 0.2 s at least: the rate is what the calls took, summed over the groups
+        assert t.items_per_s == pytest.approx(len(cpus) / t.per_call_s, rel=0.5)
+    assert not any(p.is_alive() for p in ref._procs)
+
+
 def test_serving_cpu_per_request_excludes_the_model():
     assert report.serving_cpu_per_request(_level(4, 100.0, 0.1, cpu_s=3.0, model=2.0)) == pytest.approx(0.001)
     assert report.serving_cpu_per_request(_level(4, 100.0, 0.1, cpu_s=1.0, model=2.0)) == 0.0
