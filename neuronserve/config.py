@@ -155,6 +155,11 @@ class ModelSection(_Section):
     cores: str | list[int] | None = Field(None, description="restrict this model to these cores ('0-3,6')")
     max_batch_delay_ms: float = Field(1.0, ge=0, le=1000,
                                       description="how long the batcher may wait to fill a batch")
+    return_wait_share: float = Field(
+        0.02, ge=0, le=0.5,
+        description="an idle copy holding fewer requests than its last batch waits up to this share of a batch's "
+                    "run time for the clients that batch answered to come back, so that steady load keeps its "
+                    "batches instead of falling apart into batches of one (0: take what is queued at once)")
     max_queue: int = Field(256, ge=1, description="queued sequences per group before 503 + Retry-After")
     truncation: bool = Field(True, description="truncate text longer than the largest sequence bucket, else 422")
 

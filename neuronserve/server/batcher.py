@@ -6,6 +6,10 @@ than the largest batch spreads over several batches (and copies). A copy asks `n
 - on an idle server (no copy executing) it takes what is queued at once: a lone request gets no added latency;
 - while another copy is busy it waits until the batch is full or the oldest item has waited max_batch_delay,
   trading a little latency for fuller batches under load;
+- on an idle server with fewer items queued than its last batch held, it waits a little (return_wait_share of a
+  batch's run time) for the rest: clients answered together tend to come back together (a closed loop: each
+  sends its next request on the answer), and without the wait the first one back would run alone while the
+  others queue behind it, so a steady load of k clients per group would fall apart into batches of one;
 - it takes entries in arrival order and picks the cheapest compiled (batch, seq) bucket that holds them (seq by the
   longest item); when no bucket holds them all, the tail goes back to the front of the queue for the next batch;
 - entries of a cancelled Work (client gone, timed out) are dropped without running.
@@ -54,7 +58,8 @@ class Batch(NamedTuple):
 
 
 class Batcher:
-    def __init__(self, buckets: Iterable[tuple[int, int]], *, max_queue: int, max_delay_s: float):
+    def __init__(self, buckets: Iterable[tuple[int, int]], *, max_queue: int, max_delay_s: float,
+                 return_wait_share: float = 0.0):
         # cheapest first: fewer padded token slots, then the shorter sequence (attention grows with its square)
         self.buckets = sorted(set(buckets), key=lambda bs: (bs[0] * bs[1], bs[1]))
         if not self.buckets:
@@ -63,6 +68,9 @@ class Batcher:
         self.max_seq = max(s for _, s in self.buckets)
         self.max_queue = max_queue
         self.max_delay_s = max_delay_s
+        self.return_wait_share = return_wait_share
+        self._last_taken = 0            # entries in the batch taken last
+        self._batch_s = 0.0             # running mean of a batch's run time (done() reports it)
         self._queue: deque[tuple[Work, int]] = deque()
         self._cond = threading.Condition()
         self._running = 0
@@ -101,22 +109,31 @@ class Batcher:
                 if not self._queue:
                     self._cond.wait()
                     continue
-                if self._running and len(self._queue) < self.max_batch:
-                    wait = self._queue[0][0].t0 + self.max_delay_s - time.monotonic()
+                queued = len(self._queue)
+                if self._running:
+                    delay = self.max_delay_s if queued < self.max_batch else 0.0
+                else:
+                    delay = self.return_wait_share * self._batch_s if queued < self._last_taken else 0.0
+                if delay > 0:
+                    wait = self._queue[0][0].t0 + delay - time.monotonic()
                     if wait > 0:
                         self._cond.wait(wait)
                         continue
                 batch = self._take()
                 if batch is None:
                     continue
+                self._last_taken = len(batch.entries)
                 self._running += 1
                 if self._queue:
                     self._cond.notify()     # the rest is for another copy
                 return batch
 
-    def done(self) -> None:
-        """A copy finished the batch it took (or was given up on): it no longer counts as executing."""
+    def done(self, seconds: float | None = None) -> None:
+        """A copy finished the batch it took, in `seconds` (None: it was given up on): it no longer counts as
+        executing."""
         with self._cond:
+            if seconds is not None:
+                self._batch_s = seconds if not self._batch_s else 0.8 * self._batch_s + 0.2 * seconds
             self._running -= 1
             if self._queue:
                 self._cond.notify()

@@ -86,7 +86,7 @@ class Executor:
             now = time.monotonic()
             for pos, copy in enumerate(self.copies):
                 since = copy.busy_since
-                if since is not None and now - since > self.stuck_after_s and self._release(copy):
+                if since is not None and now - since > self.stuck_after_s and self._release(copy, ran=False):
                     copy.retired = True
                     copy.seat.release_borrowed()    # other groups' CPUs must not wait for a stuck batch
                     log.warning("copy %d stuck in one batch for %.0f s; loading a replacement", copy.index,
@@ -95,13 +95,14 @@ class Executor:
                     self.copies[pos] = fresh
                     self._spawn(fresh)
 
-    def _release(self, copy: Copy) -> bool:
-        """End the copy's running batch exactly once, whether the copy or the watchdog gets there first."""
+    def _release(self, copy: Copy, *, ran: bool) -> bool:
+        """End the copy's running batch exactly once, whether the copy (`ran`) or the watchdog gets there first."""
         with copy.lock:
-            if copy.busy_since is None:
+            since = copy.busy_since
+            if since is None:
                 return False
             copy.busy_since = None
-        self.batcher.done()
+        self.batcher.done(time.monotonic() - since if ran else None)
         return True
 
     def _set_state(self, copy: Copy, state: str, reason: str = "") -> None:
@@ -141,7 +142,7 @@ class Executor:
             try:
                 self._run(runners, buffers, batch, busy, copy.seat)
             finally:
-                self._release(copy)
+                self._release(copy, ran=True)
 
     def _check_warmup(self, runners: dict, seat) -> str | None:
         """Run the known-answer items (their bucket checked), then every bucket until it ran WARMUP_RUNS times,

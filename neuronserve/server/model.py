@@ -47,7 +47,8 @@ class ServedModel:
         self.vocab_size = len(self.tokenizer)
         self.metrics = Metrics(settings.model, settings.group)
         self.batcher = Batcher([(b.batch, b.seq) for b in manifest.buckets], max_queue=settings.max_queue,
-                               max_delay_s=settings.max_batch_delay_ms / 1000)
+                               max_delay_s=settings.max_batch_delay_ms / 1000,
+                               return_wait_share=settings.return_wait_share)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
         try:
             warmup = tasks.warmup_batches(self.task, self.tokenizer, manifest)

@@ -30,6 +30,7 @@ class ServerSettings(BaseModel):
                                           "files); empty: this group neither lends nor borrows")
     lend_min_batch_ms: float = Field(50.0, ge=0, description="lend only for buckets whose batch takes this long")
     max_batch_delay_ms: float = Field(1.0, ge=0)
+    return_wait_share: float = Field(0.02, ge=0, le=0.5)
     max_queue: int = Field(256, ge=1)
     truncation: bool = True
     timeout_s: float = Field(30.0, gt=0)

@@ -116,6 +116,41 @@ def test_a_full_batch_goes_without_waiting_out_the_delay(tokenizer):
     assert not t.is_alive() and len(result[0].entries) == 4
 
 
+def test_an_idle_copy_waits_for_the_clients_its_last_batch_answered(tokenizer):
+    # last batch: 2 items in 2 s, share 0.25 -> an idle copy with 1 queued waits up to 0.5 s for the second
+    b = Batcher(BUCKETS, max_queue=64, max_delay_s=0, return_wait_share=0.25)
+    b.submit(work(items(tokenizer, 3, 3)))
+    assert len(b.next_batch().entries) == 2
+    b.done(2.0)
+    b.submit(work(items(tokenizer, 3)))
+    threading.Timer(0.05, b.submit, [work(items(tokenizer, 4))]).start()
+    assert taken(b.next_batch()) == [5, 6]         # the second client back joined the first
+    b.done(2.0)
+    # nobody else comes: the first one back runs alone once the wait is over, no later
+    b.submit(work(items(tokenizer, 3)))
+    t0 = time.monotonic()
+    assert taken(b.next_batch()) == [5]
+    assert 0.45 <= time.monotonic() - t0 < 10
+    b.done(2.0)
+    # a lone client (last batch 1) never waits
+    b.submit(work(items(tokenizer, 3)))
+    t0 = time.monotonic()
+    assert taken(b.next_batch()) == [5]
+    assert time.monotonic() - t0 < 0.45
+    b.done(2.0)
+
+
+def test_a_copy_given_up_on_does_not_count_as_a_batch_time(tokenizer):
+    b = Batcher(BUCKETS, max_queue=64, max_delay_s=0, return_wait_share=0.5)
+    b.submit(work(items(tokenizer, 3, 3)))
+    b.next_batch()
+    b.done(None)            # the watchdog's release: no run time known, none learnt
+    b.submit(work(items(tokenizer, 3)))
+    t0 = time.monotonic()
+    assert taken(b.next_batch()) == [5]
+    assert time.monotonic() - t0 < 5
+
+
 def test_full_queue_refuses_with_retry_after(tokenizer):
     b = Batcher(BUCKETS, max_queue=5, max_delay_s=0)
     b.submit(work(items(tokenizer, 1, 1, 1)))
