@@ -6,10 +6,11 @@ than the largest batch spreads over several batches (and copies). A copy asks `n
 - on an idle server (no copy executing) it takes what is queued at once: a lone request gets no added latency;
 - while another copy is busy it waits until the batch is full or the oldest item has waited max_batch_delay,
   trading a little latency for fuller batches under load;
-- on an idle server with fewer items queued than its last batch held, it waits a little (return_wait_share of a
-  batch's run time) for the rest: clients answered together tend to come back together (a closed loop: each
-  sends its next request on the answer), and without the wait the first one back would run alone while the
-  others queue behind it, so a steady load of k clients per group would fall apart into batches of one;
+- on an idle server with fewer items queued than were in the group when the last batch ended (that batch's, now
+  answered, and those queued behind it), it waits a little (return_wait_share of a batch's run time) for the
+  rest: most clients send their next request on the answer to the last (a closed loop), and without the wait the
+  first one back runs alone while the others queue behind it, so that k clients of a group settle into batches
+  of one that take turns;
 - it takes entries in arrival order and picks the cheapest compiled (batch, seq) bucket that holds them (seq by the
   longest item); when no bucket holds them all, the tail goes back to the front of the queue for the next batch;
 - entries of a cancelled Work (client gone, timed out) are dropped without running.
@@ -70,6 +71,8 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.return_wait_share = return_wait_share
         self._last_taken = 0            # entries in the batch taken last
+        self._expected = 0              # items in the group when the last batch ended: what an idle copy waits for
+        self._ended = 0.0               # monotonic time the last batch ended
         self._batch_s = 0.0             # running mean of a batch's run time (done() reports it)
         self._queue: deque[tuple[Work, int]] = deque()
         self._cond = threading.Condition()
@@ -110,12 +113,15 @@ class Batcher:
                     self._cond.wait()
                     continue
                 queued = len(self._queue)
+                since = self._queue[0][0].t0
                 if self._running:
                     delay = self.max_delay_s if queued < self.max_batch else 0.0
                 else:
-                    delay = self.return_wait_share * self._batch_s if queued < self._last_taken else 0.0
+                    # from the end of the last batch: what queued during it has waited, but not for the returners
+                    delay = self.return_wait_share * self._batch_s if queued < self._expected else 0.0
+                    since = max(since, self._ended)
                 if delay > 0:
-                    wait = self._queue[0][0].t0 + delay - time.monotonic()
+                    wait = since + delay - time.monotonic()
                     if wait > 0:
                         self._cond.wait(wait)
                         continue
@@ -134,6 +140,8 @@ class Batcher:
         with self._cond:
             if seconds is not None:
                 self._batch_s = seconds if not self._batch_s else 0.8 * self._batch_s + 0.2 * seconds
+                self._expected = min(self._last_taken + len(self._queue), self.max_batch)
+                self._ended = time.monotonic()
             self._running -= 1
             if self._queue:
                 self._cond.notify()

@@ -15,9 +15,10 @@ under systemd), two per CPU:
 - `cpuN`: while any of its batches runs, the owner holds a shared flock on it; a borrower takes an exclusive,
   non-blocking flock: it gets it only while the owner runs nothing, and the owner's next batch waits for the
   borrowed batch to end (at most `patience`, then it runs anyway: a hung borrower must not stop another group);
-  the owner also publishes how busy it is there (mean batch time, mean idle gap, end of its last batch,
-  through mmap). A group between two requests of a steady stream looks idle for a moment but wants its CPUs
-  right back: it is not borrowed from unless it has been busy less than BUSY_BELOW of the time.
+  the owner also publishes how busy it is there (mean batch time, mean idle gap, end of its last batch, start
+  of the busy spell it is in, through mmap). A group that has work, running or waiting for its CPU to come back,
+  is not borrowed from; nor is one between two requests of a steady stream, which looks idle for a moment but
+  wants its CPUs right back: only a group busy less than BUSY_BELOW of the time lends.
 
 flocks die with their process, so a crashed group never leaves a CPU taken. Whether lending pays depends on the
 model and the bucket. Re-sizing torch's thread pools and clearing its oneDNN cache (torch.set_num_threads does
@@ -42,7 +43,9 @@ from typing import Callable, Iterator
 
 log = logging.getLogger("neuronserve.server")
 
-SLOT = struct.Struct("ddd")     # owner's mean batch seconds, mean idle gap seconds, monotonic end of last batch
+# owner's mean busy spell and idle gap (seconds), monotonic end of its last busy spell, start of the one it is in
+# (0 while idle)
+SLOT = struct.Struct("dddd")
 # borrow from a group only if it has been busy less than this share of the time: one that serves a steady
 # stream (busy ~100 %, idle for a client's round trip between batches) keeps its CPUs
 BUSY_BELOW = 0.75
@@ -93,7 +96,9 @@ class _CpuFile:
         return True
 
     def owner_busy_share(self, now: float) -> float:
-        busy, gap, last_end = SLOT.unpack_from(self.slot)
+        busy, gap, last_end, since = SLOT.unpack_from(self.slot)
+        if since:
+            return 1.0
         # the current idle spell counts once it is longer than the usual gap
         idle = max(gap, now - last_end)
         return busy / (busy + idle) if busy + idle > 0 else 0.0
@@ -107,8 +112,8 @@ class _CpuFile:
         self.unlock()       # nobody owns it (its group is gone): not ours to use
         return False
 
-    def publish(self, busy: float, gap: float, last_end: float) -> None:
-        SLOT.pack_into(self.slot, 0, busy, gap, last_end)
+    def publish(self, busy: float, gap: float, last_end: float, since: float = 0.0) -> None:
+        SLOT.pack_into(self.slot, 0, busy, gap, last_end, since)
 
 
 def for_group(settings, on_lent: Callable[[], None]) -> "Lending | None":
@@ -143,6 +148,7 @@ class Lending:
         self._publisher = [_CpuFile(self.directory, c) for c in self.own]
         for f in self._publisher:
             fcntl.flock(f.owner_fd, fcntl.LOCK_SH)      # for this process's life: these CPUs have a group
+            f.publish(0.0, 0.0, 0.0)                    # not what a predecessor left: it may have died busy
         self._lock = threading.Lock()
         self._running = 0
         self._since = 0.0                       # when the group last went from idle to busy
@@ -180,6 +186,8 @@ class Lending:
                 if self._last_end:
                     self._gap_mean = SMOOTHING * self._gap_mean + (1 - SMOOTHING) * (now - self._last_end)
                 self._since = now
+                for f in self._publisher:
+                    f.publish(self._busy_mean, self._gap_mean, self._last_end, now)
             return self._running
 
     def _ended(self, now: float, bucket: tuple[int, int], seconds: float, lent: bool) -> None:
@@ -204,9 +212,12 @@ class Seat:
     def run(self, bucket: tuple[int, int], *, lone: bool) -> Iterator[None]:
         """Around one batch of `bucket`. `lone`: the group has nothing else queued."""
         lending = self.lending
+        # the group is busy from here, waiting for a CPU of its own that is lent out included: counted as idle,
+        # that wait made a loaded group look lendable, and two groups under load took turns borrowing each
+        # other's CPU, each waiting out the other's lent batch
+        running = lending._started(time.monotonic())
         held = [f for f in self.own if self._wait_shared(f)]
         started = time.monotonic()
-        running = lending._started(started)
         if lone and running == 1 and lending.lends(bucket):
             self.borrowed = [f for f in map(self._other, lending.others()) if f.lendable(started)]
         borrowed = self.borrowed

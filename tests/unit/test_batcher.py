@@ -132,11 +132,18 @@ def test_an_idle_copy_waits_for_the_clients_its_last_batch_answered(tokenizer):
     assert taken(b.next_batch()) == [5]
     assert 0.45 <= time.monotonic() - t0 < 10
     b.done(2.0)
-    # a lone client (last batch 1) never waits
+    # a lone client (one item in the group when the last batch ended) never waits
     b.submit(work(items(tokenizer, 3)))
     t0 = time.monotonic()
     assert taken(b.next_batch()) == [5]
     assert time.monotonic() - t0 < 0.45
+    # two clients taking turns in batches of one: when the batch ends one is queued and the other, just answered,
+    # is on its way back; the copy waits for it rather than running the queued one alone again
+    b.submit(work(items(tokenizer, 4)))
+    time.sleep(0.6)         # the batch runs on; the queued one has waited longer than the wait by its end
+    b.done(2.0)
+    threading.Timer(0.05, b.submit, [work(items(tokenizer, 3))]).start()
+    assert taken(b.next_batch()) == [6, 5]
     b.done(2.0)
 
 

@@ -105,8 +105,13 @@ def test_the_owner_publishes_its_load(groups, tmp_path):
             time.sleep(0.02)
         time.sleep(0.01)
     with open(cpu_file(tmp_path, B_CPU), "rb") as f:
-        busy, gap, last_end = SLOT.unpack(f.read(SLOT.size))
-    assert 0.015 < busy < 0.5 and 0.005 < gap < 0.5 and 0 < time.monotonic() - last_end < 0.5
+        busy, gap, last_end, since = SLOT.unpack(f.read(SLOT.size))
+    assert 0.015 < busy < 0.5 and 0.005 < gap < 0.5 and 0 < time.monotonic() - last_end < 0.5 and since == 0
+    # while it has work, running or waiting, it says so, and is not borrowed from whatever its history
+    with seat.run(BUCKET, lone=False):
+        with open(cpu_file(tmp_path, B_CPU), "rb") as f:
+            assert SLOT.unpack(f.read(SLOT.size))[3] > last_end
+        assert b._publisher[0].owner_busy_share(time.monotonic()) == 1.0
 
 
 def test_the_owner_waits_for_a_lent_batch_then_runs(groups):
@@ -132,11 +137,19 @@ def test_the_owner_waits_for_a_lent_batch_then_runs(groups):
     owner.start()
     time.sleep(0.2)
     assert entered == []                     # still lent
+    assert b._publisher[0].owner_busy_share(time.monotonic()) == 1.0    # and b, waiting, shows it has work
     released_at = time.monotonic()
     release.set()
     owner.join(5)
     t.join(5)
     assert entered and entered[0] >= released_at
+    # the wait counts as b's busy time: b was loaded, not idle, so a's next lone batch leaves b's CPU alone
+    # (counted as idle, it made two loaded groups take turns borrowing each other's CPU)
+    with open(cpu_file(b.directory, B_CPU), "rb") as f:
+        busy, gap, last_end, since = SLOT.unpack(f.read(SLOT.size))
+    assert busy >= 0.5 * 0.2
+    with a.seat().run(BUCKET, lone=True):
+        assert os.sched_getaffinity(0) == {A_CPU}
 
 
 def test_a_cpu_whose_group_is_gone_is_not_borrowed(tmp_path):
