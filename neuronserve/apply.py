@@ -28,7 +28,7 @@ from neuronserve.config import format_core_list
 from neuronserve.devices import Holder
 from neuronserve.errors import ServiceError
 from neuronserve.layout import Layout
-from neuronserve.plan import Group, Plan
+from neuronserve.plan import Group, Plan, group_of_unit
 from neuronserve.probe import Probe
 from neuronserve.systemctl import Runner, Systemctl, run_command
 
@@ -291,8 +291,7 @@ class Applier:
         self.systemctl.stop(unit)
         self.systemctl.disable(unit)
         path.unlink(missing_ok=True)
-        name = unit.removeprefix("neuronserve-").removesuffix(".service")
-        self.layout.gunicorn_conf(name).unlink(missing_ok=True)
+        self.layout.gunicorn_conf(group_of_unit(unit)).unlink(missing_ok=True)
         self.step("remove", unit, "no longer in the config: stopped, disabled, deleted")
         self.result.removed.append(unit)
 

@@ -15,6 +15,7 @@ from typing import Callable
 from neuronserve import render
 from neuronserve.apply import NGINX_UNIT, Front, Step
 from neuronserve.layout import Layout
+from neuronserve.plan import group_of_unit
 from neuronserve.systemctl import Systemctl
 
 
@@ -35,7 +36,7 @@ def _ours(path: Path) -> bool:
 
 
 def _is_our_unit_name(name: str) -> bool:
-    return name == render.TARGET or (name.startswith("neuronserve-") and name.endswith(".service"))
+    return name == render.TARGET or group_of_unit(name) is not None
 
 
 def find(layout: Layout, systemctl: Systemctl) -> Found:

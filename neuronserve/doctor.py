@@ -24,7 +24,7 @@ from neuronserve.config import Config, format_core_list
 from neuronserve.devices import BACKENDS, Host, discover_host, run_tool
 from neuronserve.devices import neuron as neuron_devices
 from neuronserve.errors import ArtifactError, ConfigError, DeviceError, PlanError
-from neuronserve.plan import APP, Plan, make_plan
+from neuronserve.plan import APP, Plan, group_of_unit, make_plan
 from neuronserve.status import unit_of
 
 Status = Literal["ok", "warn", "fail"]
@@ -321,7 +321,7 @@ def _cmdline(pid_dir: Path) -> str:
 def _unit_of(pid: int, probes: Probes) -> str | None:
     """The neuronserve-*.service the process runs in, or None."""
     unit = unit_of(pid, probes.path("/proc"))
-    return unit if unit is not None and unit.startswith("neuronserve-") else None
+    return unit if unit is not None and group_of_unit(unit) is not None else None
 
 
 def _is_neuronserve(pid: int, cmdline: str, probes: Probes) -> bool:

@@ -20,6 +20,17 @@ APP = "neuronserve.server.app:create_app()"
 LEND_DIR = "/run/neuronserve/cpus"
 
 
+# a group's unit is neuronserve-<group>.service: the names apply, cleanup, status and doctor recognise as ours
+UNIT_PREFIX, UNIT_SUFFIX = "neuronserve-", ".service"
+
+
+def group_of_unit(unit: str) -> str | None:
+    """The group a unit name belongs to, or None for a unit that is not a group's."""
+    if unit.startswith(UNIT_PREFIX) and unit.endswith(UNIT_SUFFIX) and len(unit) > len(UNIT_PREFIX + UNIT_SUFFIX):
+        return unit[len(UNIT_PREFIX):-len(UNIT_SUFFIX)]
+    return None
+
+
 @dataclass
 class Group:
     name: str                   # <model>-<n>
@@ -33,7 +44,7 @@ class Group:
 
     @property
     def unit(self) -> str:
-        return f"neuronserve-{self.name}.service"
+        return UNIT_PREFIX + self.name + UNIT_SUFFIX
 
     @property
     def address(self) -> str:

@@ -9,7 +9,7 @@ from neuronserve import config
 from neuronserve.devices import cpu
 from neuronserve.errors import PlanError
 from neuronserve.layout import Layout
-from neuronserve.plan import make_plan
+from neuronserve.plan import group_of_unit, make_plan
 from neuronserve.server.settings import ServerSettings
 
 
@@ -93,3 +93,13 @@ def test_port_conflicts(tmp_path):
     cfg.server.base_port = 65000
     with pytest.raises(PlanError, match="port 65536: lower server.base_port"):
         make_plan(cfg, host(600), python="py")
+
+
+def test_unit_names_map_back_to_their_group(tmp_path):
+    plan = make_plan(cfg_from(tmp_path, model("emb-x", copies=1)), host(2), python="py")
+    for g in plan.groups:
+        assert group_of_unit(g.unit) == g.name
+    assert group_of_unit("neuronserve.target") is None
+    assert group_of_unit("neuronserve-.service") is None
+    assert group_of_unit("nginx.service") is None
+    assert group_of_unit("neuronserve-bert-0.socket") is None
