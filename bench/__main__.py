@@ -1,6 +1,6 @@
 """`make bench` (python -m bench): the in-process ceiling, neuronserve and the original design, side by side.
 
-For each model (bert-base, then tiny):
+For each model (bert-base, tiny, then no-encoder: the model's compute nearly off the CPU, as on an accelerator):
   1. build and compile it (kept under bench-results/work between runs);
   2. the in-process ceiling: every batch size, one pinned process per core group, all at once; the batch-1
      latency of a lone caller on one group and on all CPUs;
@@ -30,12 +30,13 @@ from bench.systems import PAYLOAD, BaselineSystem, NeuronserveSystem
 # comes before the first batch is done). BERT-base completes ~1.5 items/s per core in batches of up to 4, 2.7 s
 # each: a 9 s ramp is over 3 batch times, and the 36 s window holds about 13 batches per core, so a batch more or
 # less at either edge moves a level's rate by a few percent at most. The tiny model's batches take 5 to 80 ms.
-DURATION = {"bert-base": 45.0, "tiny": 10.0}
-RAMP = {"bert-base": 9.0, "tiny": 2.0}
-CEILING_SECONDS = {"bert-base": 8.0, "tiny": 4.0}
+DURATION = {"bert-base": 45.0, "tiny": 10.0, "no-encoder": 8.0}
+RAMP = {"bert-base": 9.0, "tiny": 2.0, "no-encoder": 2.0}
+CEILING_SECONDS = {"bert-base": 8.0, "tiny": 4.0, "no-encoder": 3.0}
 # the ceiling's best batch measured again before every level: at least 3 calls (7 s at BERT-base's batch 4)
-PROBE_SECONDS = {"bert-base": 6.0, "tiny": 2.0}
-LEVELS = [1, 4, 16, 64]
+PROBE_SECONDS = {"bert-base": 6.0, "tiny": 2.0, "no-encoder": 2.0}
+# no-encoder's levels: only its highest throughputs matter (the serving paths' own)
+LEVELS = {"bert-base": [1, 4, 16, 64], "tiny": [1, 4, 16, 64], "no-encoder": [16, 64]}
 # neuronserve's tuning for the run (the config a 1-CPU group wants: one copy, one thread, no added delay)
 TUNING = dict(copies=1, threads_per_copy=1, max_batch_delay_ms=0.0)
 
@@ -161,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench-results"), help="results directory")
-    ap.add_argument("--models", default="bert-base,tiny", help="comma-separated: bert-base, tiny")
-    ap.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrency levels")
+    ap.add_argument("--models", default=",".join(DURATION), help=f"comma-separated: {', '.join(DURATION)}")
+    ap.add_argument("--levels", default=None, help="concurrency levels (default per model)")
     ap.add_argument("--duration", type=float, default=None, help="seconds per level (default per model)")
     ap.add_argument("--ramp", type=float, default=None,
                     help="seconds at the start of each level left out of the throughput (default per model)")
@@ -172,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cpus = sorted(os.sched_getaffinity(0))
-    levels = [int(x) for x in args.levels.split(",")]
+    levels = {name: [int(x) for x in args.levels.split(",")] if args.levels else LEVELS[name] for name in DURATION}
     work = args.out.resolve() / "work"
     names = args.models.split(",")
+    unknown = sorted(set(names) - set(DURATION))
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}: the bench has {', '.join(DURATION)}")
     timing = {name: (args.duration or DURATION[name], RAMP[name] if args.ramp is None else args.ramp)
               for name in names}
     for name, (duration, ramp) in timing.items():
@@ -191,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
                    if system_name == "neuronserve" else BaselineSystem(name, model_dir, work, cpus)
                    for system_name in args.systems.split(",")]
         log(f"{name}: {', '.join(s.label for s in systems)}, levels interleaved")
-        result.update(measure_systems(systems, result, model_dir, cpus, levels, duration, ramp, PROBE_SECONDS[name]))
+        result.update(measure_systems(systems, result, model_dir, cpus, levels[name], duration, ramp,
+                                      PROBE_SECONDS[name]))
         results[name] = result
     meta = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": len(cpus),
-            "cpu_model": cpu_model(), "levels": levels, "tuning": TUNING,
+            "cpu_model": cpu_model(), "levels": {name: levels[name] for name in names}, "tuning": TUNING,
             "note": f"wrk closed loop, "
                     f"{', '.join(f'{k} {d:g} s (throughput after {r:g} s)' for k, (d, r) in timing.items())} "
                     f"per level; "

@@ -30,6 +30,9 @@ SYSTEMS = ("neuronserve", "baseline")
 TARGET_CEILING = 0.97         # neuronserve / ceiling at every concurrency >= 4
 TARGET_LATENCY = 1.05         # p99 at concurrency 1 / in-process batch-1 latency
 TARGET_TINY_SPEEDUP = 3.0     # tiny model: neuronserve max req/s / baseline max req/s
+# where the speed-up and serving-capacity targets are checked: the tiny model, and the one whose compute is
+# nearly off the CPU (what the tiny-model targets stand for: the serving path in front of an accelerator)
+SPEEDUP_MODELS = ("tiny", "no-encoder")
 TARGET_CAPACITY = 2000.0      # requests/s per core the serving path sustains (its CPU cost per request <= 0.5 ms)
 
 
@@ -182,7 +185,7 @@ def targets(name: str, result: dict) -> list[tuple[str, str, bool | None]]:
         (f"p99 at concurrency 1 / in-process batch-1 latency (best of one group, all CPUs) <= {TARGET_LATENCY}",
          fmt(s["p99_c1_over_b1_best"]), met(s["p99_c1_over_b1_best"], lambda x: x <= TARGET_LATENCY)),
     ]
-    if name == "tiny":
+    if name in SPEEDUP_MODELS:
         rows += [
             (f"max req/s neuronserve / baseline >= {TARGET_TINY_SPEEDUP:g}",
              fmt(s["max_neuronserve_over_max_baseline"], ".2f"),

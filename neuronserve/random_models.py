@@ -19,6 +19,8 @@ TASK_CLASSES = {
 SIZES = {
     "bert-base": dict(layers=12, hidden=768, heads=12),
     "tiny": dict(layers=2, hidden=128, heads=2),
+    # embeddings and the task head only: a model whose compute hardly touches the CPU, as on an accelerator
+    "no-encoder": dict(layers=0, hidden=32, heads=1),
 }
 
 
