@@ -41,8 +41,8 @@ listen = "127.0.0.1:{front_port}"
 [models.minilm]
 task = "feature-extraction"
 source = "{minilm}"
-batch_sizes = [1, 8]
-sequence_lengths = [128]
+batch_sizes = [1, 4, 8]
+sequence_lengths = [64, 128]
 copies = 1
 groups = 1
 
