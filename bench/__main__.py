@@ -113,7 +113,8 @@ def measure_level(system, c: int, ceil: dict, duration: float, ramp: float) -> d
            "max": res.max, "completed": res.completed, "errors": res.errors, "duration_s": res.duration_s,
            "throughput_whole": res.throughput_whole, "ramp_s": res.ramp_s, "window_s": res.window_s,
            "window_completed": res.window_completed, "first_s": res.first_s, "last_s": res.last_s,
-           "batches": batches, "batch_items": items, "cpu_s": cpu1 - cpu0, "model_cpu_s": model_cpu, "client_cpu_s": wrk1 - wrk0,
+           "batches": batches, "batch_items": items,
+           "cpu_s": cpu1 - cpu0, "model_cpu_s": model_cpu, "client_cpu_s": wrk1 - wrk0,
            # CPU that neither the system nor the client used: other work on the host, a noisy level
            "foreign_cpu_s": max(0.0, (host1 - host0) - (cpu1 - cpu0) - (wrk1 - wrk0))}
     log(f"  {system.label} c={c}: {res.throughput:.2f} req/s after {ramp:g} s "

@@ -212,8 +212,8 @@ def markdown(results: dict[str, dict], meta: dict) -> str:
         s = summary(result)
         lines += [f"## {name}", "",
                   f"In-process ceiling: {_n(s['ceiling_items_per_s'])} items/s (batch {s['ceiling_batch']}, "
-                  f"one process per core group, swept before the levels; measured again beside each level: the table's "
-                  f"ceiling column); batch-1 latency {_ms(s['inprocess_b1_group_s'])} ms on one "
+                  f"one process per core group, swept before the levels; measured again beside each level: "
+                  f"the table's ceiling column); batch-1 latency {_ms(s['inprocess_b1_group_s'])} ms on one "
                   f"group, {_ms(s['inprocess_b1_all_s'])} ms on all CPUs.", "",
                   "| concurrency | ceiling items/s beside the level | neuronserve req/s | baseline req/s | neuronserve / ceiling "
                   "| neuronserve / baseline | neuronserve p50 / p99 ms | baseline p50 / p99 ms "

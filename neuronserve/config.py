@@ -157,9 +157,10 @@ class ModelSection(_Section):
                                       description="how long the batcher may wait to fill a batch")
     return_wait_share: float = Field(
         0.02, ge=0, le=0.5,
-        description="an idle copy holding fewer requests than its last batch waits up to this share of a batch's "
-                    "run time for the clients that batch answered to come back, so that steady load keeps its "
-                    "batches instead of falling apart into batches of one (0: take what is queued at once)")
+        description="an idle copy finding fewer requests queued than its group held when its last batch ended "
+                    "waits up to this share of a batch's run time for the clients that batch answered to come "
+                    "back, so that steady load keeps its batches instead of falling apart into batches of one "
+                    "(0: take what is queued at once)")
     max_queue: int = Field(256, ge=1, description="queued sequences per group before 503 + Retry-After")
     truncation: bool = Field(True, description="truncate text longer than the largest sequence bucket, else 422")
 
