@@ -70,7 +70,9 @@ class Batcher:
         self.max_queue = max_queue
         self.max_delay_s = max_delay_s
         self.return_wait_share = return_wait_share
-        self._last_taken = 0            # entries in the batch taken last
+        # entries in the batch taken last (by any copy: with several, a copy's done() may count another's batch,
+        # which only sizes a bounded wait)
+        self._last_taken = 0
         self._expected = 0              # items in the group when the last batch ended: what an idle copy waits for
         self._ended = 0.0               # monotonic time the last batch ended
         self._batch_s = 0.0             # running mean of a batch's run time (done() reports it)
