@@ -7,7 +7,7 @@ The request path is
     encoded = encode(task, tokenizer, items, max_seq, truncation)   # one batched tokenizer call, no padding
     arrays  = pad(encoded[i:j], batch, seq, manifest.input_names)  # int64 [batch, seq] per input name
     outputs = runner(*arrays)                               # tuple in manifest.output_names order
-    answer  = decode(task, manifest, [o[row] for o in outputs], encoded[row])
+    answers = decode(task, manifest, outputs, encoded[i:j])        # one per item
 
 Items: a `str` for text-classification and feature-extraction; a `QAItem(question, context)` for
 question-answering. The traced module takes positional int64 tensors [B, S] in `input_names` order and
@@ -25,6 +25,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
+
+from neuronserve.wordpiece import WordPiece
 
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MAX_ANSWER_TOKENS = 30
@@ -183,26 +185,36 @@ _SPACES = str.maketrans("\t\n\r", "   ")
 
 
 class _Backend:
-    """A transformers tokenizer's Rust tokenizer, configured once for one truncation length and pair-ness: a
-    copy, because transformers re-configures the shared one on each of its own calls.
+    """A transformers tokenizer's Rust tokenizer, configured once for one truncation length and pair-ness (a
+    copy: transformers re-configures the shared one on each of its own calls), and its Python stand-in for
+    plain text.
 
-    Plain text skips the Rust BertNormalizer (a third of the tokenizer's time, most of it alignment
-    bookkeeping): on ASCII text without control characters it only lowercases and turns \\t \\n \\r into spaces,
-    one character for one, so a `bare` copy without normalizer, given the text normalized here, yields the
-    very same ids, type ids and character offsets. Any other normalizer, or text with anything else in it
-    (non-ASCII, control characters, an added token such as [SEP]), goes through the full tokenizer.
+    Plain text skips the Rust tokenizer (wordpiece.py: a quarter of its CPU time): on ASCII text without control
+    characters BertNormalizer only lowercases and turns \\t \\n \\r into spaces, one character for one, so
+    the text normalized here and tokenized by `wordpiece` yields the very same ids, type ids and character
+    offsets. Any other configuration, or text with anything else in it (non-ASCII, control characters, an added
+    token such as [SEP]), goes through the Rust tokenizer.
     """
 
     def __init__(self, tokenizer, max_length: int | None, pair: bool):
         import tokenizers
 
         config = tokenizer.backend_tokenizer.to_str()
-        self.full, self.bare = (self._copy(tokenizers, config, max_length, pair, tokenizer) for _ in range(2))
-        normalizer = json.loads(config).get("normalizer") or {}
-        if normalizer.get("type") != "BertNormalizer":
-            self.bare = None
+        direction = getattr(tokenizer, "truncation_side", "right")
+        self.full = backend = tokenizers.Tokenizer.from_str(config)
+        backend.no_padding()
+        if max_length is None:
+            backend.no_truncation()
+        else:
+            backend.enable_truncation(max_length, strategy="only_second" if pair else "longest_first",
+                                      direction=direction)
+        config = json.loads(config)
+        normalizer = config.get("normalizer") or {}
+        self.python = None
+        if normalizer.get("type") == "BertNormalizer":
+            self.python = WordPiece.load(config, max_length, direction)
+        if self.python is None:
             return
-        self.bare.normalizer = None
         self.lowercase = normalizer.get("lowercase", True)
         self.clean = normalizer.get("clean_text", True)
         # added tokens are split off before (content as given) or after (normalized) the normalizer: plain
@@ -210,17 +222,6 @@ class _Backend:
         contents = {t.content for t in self.full.get_added_tokens_decoder().values()}
         contents |= {self.full.normalizer.normalize_str(c) for c in contents}
         self.added = re.compile("|".join(map(re.escape, sorted(c for c in contents if c)))) if contents else None
-
-    @staticmethod
-    def _copy(tokenizers, config: str, max_length: int | None, pair: bool, tokenizer):
-        backend = tokenizers.Tokenizer.from_str(config)
-        backend.no_padding()
-        if max_length is None:
-            backend.no_truncation()
-        else:
-            backend.enable_truncation(max_length, strategy="only_second" if pair else "longest_first",
-                                      direction=getattr(tokenizer, "truncation_side", "right"))
-        return backend
 
     def plain(self, text: str) -> str | None:
         """`text` as the BertNormalizer leaves it when that maps it one character for one, else None."""
@@ -234,25 +235,23 @@ class _Backend:
         return out
 
     def encode(self, inputs: list, *, offsets: bool) -> list:
-        """tokenizers.Encodings of `inputs` (texts, or (question, context) pairs), in order; without
-        character offsets unless `offsets`."""
+        """Encodings (tokenizers' or wordpiece's) of `inputs` (texts, or (question, context) pairs), in order;
+        the Rust ones without character offsets unless `offsets`."""
+        out = [None] * len(inputs)
         slow = list(range(len(inputs)))
-        fast, normalized = [], []
-        if self.bare is not None:
+        if self.python is not None:
             slow = []
             for i, x in enumerate(inputs):
                 p = tuple(map(self.plain, x)) if isinstance(x, tuple) else self.plain(x)
                 if p is None or (isinstance(p, tuple) and None in p):
                     slow.append(i)
                 else:
-                    fast.append(i)
-                    normalized.append(p)
-        out = [None] * len(inputs)
-        for backend, where, batch in ((self.bare, fast, normalized), (self.full, slow, [inputs[i] for i in slow])):
-            if where:
-                encodings = backend.encode_batch(batch) if offsets else backend.encode_batch_fast(batch)
-                for i, e in zip(where, encodings):
-                    out[i] = e
+                    out[i] = self.python.encode(p)
+        if slow:
+            batch = [inputs[i] for i in slow]
+            encodings = self.full.encode_batch(batch) if offsets else self.full.encode_batch_fast(batch)
+            for i, e in zip(slow, encodings):
+                out[i] = e
         return out
 
 
@@ -299,53 +298,74 @@ def pad(items: Sequence[Encoded], batch: int, seq: int, input_names: Sequence[st
 
 # ---------------------------------------------------------------- decoding outputs
 
-def decode(task: str, manifest, outputs_row: Sequence[np.ndarray], item: Encoded):
-    """One item's answer from its row of the outputs (a sequence in manifest.output_names order)."""
-    return get(task).decode(manifest, [np.asarray(o, dtype=np.float32) for o in outputs_row], item)
+def decode(task: str, manifest, outputs: Sequence[np.ndarray], items: Sequence[Encoded]) -> list:
+    """The answers of a batch's `items` from its outputs (a sequence in manifest.output_names order, row i of
+    each is item i's; rows past the items are padding)."""
+    return get(task).decode(manifest, [np.asarray(o, dtype=np.float32) for o in outputs], items)
 
 
-def _decode_classification(manifest, outputs_row, item):
-    logits = outputs_row[0].astype(np.float64)
+def _decode_classification(manifest, outputs, items):
+    logits = outputs[0][:len(items)].astype(np.float64)
     if manifest.multi_label:
         scores = 1.0 / (1.0 + np.exp(-logits))
     else:
-        e = np.exp(logits - logits.max())
-        scores = e / e.sum()
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        scores = e / e.sum(axis=1, keepdims=True)
     labels = manifest.labels
-    order = np.argsort(-scores, kind="stable")
-    return [{"label": labels.get(str(i), f"LABEL_{i}"), "score": float(scores[i])} for i in order]
+    names = [labels.get(str(i), f"LABEL_{i}") for i in range(scores.shape[1])]
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return [[{"label": names[i], "score": p} for i, p in zip(row, ps)]
+            for row, ps in zip(order.tolist(), np.take_along_axis(scores, order, axis=1).tolist())]
 
 
-def _decode_embedding(manifest, outputs_row, item):
-    return outputs_row[0].tolist()
+def _decode_embedding(manifest, outputs, items):
+    return outputs[0][:len(items)].tolist()
 
 
-def _decode_qa(manifest, outputs_row, item):
-    sequence_ids = item.encoding.sequence_ids
-    if 1 not in sequence_ids:
-        return {"answer": "", "score": 0.0, "start": 0, "end": 0}
-    # the context's tokens, contiguous: n from first
-    first = sequence_ids.index(1)
-    n = len(sequence_ids) - sequence_ids[::-1].index(1) - first
-    # probabilities over the context tokens, like the HF pipeline's (which masks the question out): start and
-    # end as the two rows of one array, a few numpy calls per item rather than a dozen
-    x = np.array([o[first:first + n] for o in outputs_row], dtype=np.float64)
-    x -= x.max(axis=1, keepdims=True)
+def _decode_qa(manifest, outputs, items):
+    """Per item the likeliest span of at most MAX_ANSWER_TOKENS context tokens, scored P(start) x P(end) with
+    probabilities over the context tokens alone, like the HF pipeline's (which masks the question out); one set
+    of numpy calls for the whole batch, a few lines of Python per item."""
+    k, width = len(items), MAX_ANSWER_TOKENS
+    spans = [_context_tokens(item.encoding) for item in items]
+    # a row without context tokens (text the normalizer empties) gets a stand-in token and an empty answer
+    first, stop = zip(*[(f, f + n) if n else (0, 1) for f, n in spans])
+    seq = outputs[0].shape[1]
+    position = np.arange(seq)
+    outside = (position < np.array(first)[:, None]) | (position >= np.array(stop)[:, None])        # [k, seq]
+    # softmax of start and end logits (rows 0 and 1) over each item's context tokens
+    x = np.asarray(outputs[:2], dtype=np.float64)[:, :k]
+    x[:, outside] = -np.inf
+    x -= x.max(axis=2, keepdims=True)
     np.exp(x, out=x)
-    x /= x.sum(axis=1, keepdims=True)
-    # span (i, i + d) over context positions, at most MAX_ANSWER_TOKENS tokens (the context is contiguous):
-    # scores[i, d] = ps[i] * pe[i + d], the ends as overlapping windows (a view) of pe followed by -1s, the
-    # score of an end past the context (probabilities never are negative)
-    width = MAX_ANSWER_TOKENS
-    pe = np.concatenate((x[1], _NO_END))
-    scores = x[0, :, None] * np.ndarray((n, width), pe.dtype, pe, strides=(pe.itemsize, pe.itemsize))
-    bi, d = divmod(int(scores.argmax()), width)
-    start = item.encoding.token_to_chars(first + bi)[0]
-    end = item.encoding.token_to_chars(first + bi + d)[1]
-    return {"answer": item.context[start:end], "score": float(scores[bi, d]), "start": start, "end": end}
+    x /= x.sum(axis=2, keepdims=True)
+    # span (i, i + d): scores[r, i, d] = ps[r, i] * pe[r, i + d], the ends as overlapping windows (a view) of pe
+    # with -1, never a probability, where the end is past the context; starts outside it have probability 0
+    ends = np.full((k, seq + width - 1), -1.0)
+    np.copyto(ends[:, :seq], x[1], where=~outside)
+    step = ends.itemsize
+    scores = (x[0][:, :, None] * np.ndarray((k, seq, width), ends.dtype, ends, strides=(ends.strides[0], step, step))
+              ).reshape(k, -1)
+    answers = []
+    for row, (item, (_, n), best) in enumerate(zip(items, spans, scores.argmax(axis=1).tolist())):
+        if not n:
+            answers.append({"answer": "", "score": 0.0, "start": 0, "end": 0})
+            continue
+        i, d = divmod(best, width)
+        start = item.encoding.token_to_chars(i)[0]
+        end = item.encoding.token_to_chars(i + d)[1]
+        answers.append({"answer": item.context[start:end], "score": float(scores[row, best]), "start": start,
+                        "end": end})
+    return answers
 
 
-_NO_END = np.full(MAX_ANSWER_TOKENS - 1, -1.0)
+def _context_tokens(encoding) -> tuple[int, int]:
+    """(first, count) of a pair encoding's context tokens, which are contiguous; (0, 0) without any."""
+    sequence_ids = encoding.sequence_ids
+    if 1 not in sequence_ids:
+        return 0, 0
+    first = sequence_ids.index(1)
+    return first, len(sequence_ids) - sequence_ids[::-1].index(1) - first
 
 
 # ---------------------------------------------------------------- the modules compile traces
@@ -462,7 +482,7 @@ class Task:
     output_names: tuple[str, ...]
     auto_class: str                       # transformers Auto* class compile loads the model with
     module: type = field(repr=False)      # (model, input_names, **options) -> nn.Module to trace
-    decode: Callable = field(repr=False)  # (manifest, outputs_row, item) -> JSON-able answer
+    decode: Callable = field(repr=False)  # (manifest, outputs, items) -> a JSON-able answer per item
     warmup: tuple = ()                    # default warm-up inputs, as a request's `inputs` would carry them
     pair: bool = False                    # inputs are (question, context) pairs
     per_token: bool = False               # outputs are [B, S] (compare only real tokens)

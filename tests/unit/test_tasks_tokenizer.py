@@ -1,10 +1,11 @@
-"""tasks.encode's plain-text path (no Rust normalizer) against the unmodified tokenizer, called through transformers.
+"""tasks.encode's plain-text path (wordpiece.py, no Rust) against the unmodified tokenizer, called through transformers.
 
 Property: for any text (ASCII or not, control characters, whitespace, punctuation, added tokens such as [SEP],
 words longer than WordPiece takes, long text cut by truncation) and any batch mixing them, encode gives the same
 input ids, type ids and, for question-answering, the same character offsets and sequence ids as the tokenizer
-itself. Checked on the real all-MiniLM-L6-v2 tokenizer, on a copy whose BertNormalizer neither lowercases nor
-cleans, and on one with another normalizer (which must take the full path).
+itself. Checked on the real all-MiniLM-L6-v2 tokenizer and on copies that vary what the Python WordPiece path reproduces
+(a BertNormalizer that neither lowercases nor cleans, BertProcessing, truncation from the left, a short word
+limit) and what it must leave to the Rust tokenizer (another pre-tokenizer, another normalizer).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ mixed_text = st.lists(st.one_of(st.sampled_from(list(string.printable) + ODD), s
                       min_size=1, max_size=80).map("".join)
 texts = st.one_of(ascii_text, ascii_text, mixed_text).filter(str.strip)
 max_seqs = st.sampled_from([16, 48, 128])
-VARIANTS = ["minilm", "cased-unclean", "space-split", "other-normalizer"]
+VARIANTS = ["minilm", "cased-unclean", "bert-processing", "left-truncation", "short-words", "space-split",
+            "other-normalizer"]
 
 
 def _load(path):
@@ -37,33 +39,43 @@ def _load(path):
 
 @pytest.fixture(scope="module")
 def tokenizers_under_test(minilm_dir, tmp_path_factory):
-    """name -> transformers tokenizer: the real MiniLM one, and variants of its normalizer and pre-tokenizer."""
-    def variant(name: str, normalizer: dict, pre_tokenizer: dict | None = None):
+    """name -> transformers tokenizer: the real MiniLM one, and variants of its configuration."""
+    original = json.loads((minilm_dir / "tokenizer.json").read_text())
+
+    def variant(name: str, *, side: str = "right", **changes):
         out = tmp_path_factory.mktemp(name)
         for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
             shutil.copy(minilm_dir / f, out / f)
-        config = json.loads((out / "tokenizer.json").read_text())
-        config["normalizer"] = normalizer
-        config["pre_tokenizer"] = pre_tokenizer or config["pre_tokenizer"]
+        config = {**original, **changes}
         (out / "tokenizer.json").write_text(json.dumps(config))
         tc = json.loads((out / "tokenizer_config.json").read_text())
         # the generic fast tokenizer: BertTokenizerFast would rebuild the normalizer from its own options
-        (out / "tokenizer_config.json").write_text(json.dumps({**tc, "tokenizer_class": "PreTrainedTokenizerFast"}))
+        (out / "tokenizer_config.json").write_text(json.dumps(
+            {**tc, "tokenizer_class": "PreTrainedTokenizerFast", "truncation_side": side}))
         tokenizer = _load(out)
-        assert json.loads(tokenizer.backend_tokenizer.to_str())["normalizer"] == normalizer
+        saved = json.loads(tokenizer.backend_tokenizer.to_str())
+        assert all(saved[k] == v for k, v in changes.items() if k != "model")
         return tokenizer
 
     return {
         "minilm": _load(minilm_dir),
-        "cased-unclean": variant("cased", {"type": "BertNormalizer", "clean_text": False, "handle_chinese_chars": False,
-                                           "strip_accents": False, "lowercase": False}),
+        "cased-unclean": variant("cased", normalizer={
+            "type": "BertNormalizer", "clean_text": False, "handle_chinese_chars": False, "strip_accents": False,
+            "lowercase": False}),
+        "bert-processing": variant("bertproc", post_processor={
+            "type": "BertProcessing", "sep": ["[SEP]", 102], "cls": ["[CLS]", 101]}),
+        "left-truncation": variant("left", side="left"),
+        # more words over the limit than real text has: each is one [UNK]
+        "short-words": variant("short", model={**original["model"], "max_input_chars_per_word": 6}),
         # splits on spaces only: \t \n \r are word characters unless the normalizer made them spaces
-        "space-split": variant("space", json.loads((minilm_dir / "tokenizer.json").read_text())["normalizer"],
-                               {"type": "Split", "pattern": {"String": " "}, "behavior": "Removed",
-                                "invert": False}),
-        "other-normalizer": variant("other", {"type": "Sequence", "normalizers": [
+        "space-split": variant("space", pre_tokenizer={
+            "type": "Split", "pattern": {"String": " "}, "behavior": "Removed", "invert": False}),
+        "other-normalizer": variant("other", normalizer={"type": "Sequence", "normalizers": [
             {"type": "NFD"}, {"type": "Lowercase"}, {"type": "StripAccents"}]}),
     }
+
+
+PYTHON_PATH = {"minilm", "cased-unclean", "bert-processing", "left-truncation", "short-words"}
 
 
 def _reference(tokenizer, items: list, max_seq: int, truncation: bool, pair: bool):
@@ -139,6 +151,25 @@ def test_which_text_takes_the_plain_path(tokenizers_under_test, text, plain):
     assert backend.plain(text) == plain
 
 
-def test_other_normalizers_always_take_the_full_path(tokenizers_under_test):
-    assert tasks._backend(tokenizers_under_test["other-normalizer"], 128, True).bare is None
+@pytest.mark.parametrize("name", VARIANTS)
+def test_which_configurations_take_the_python_path(tokenizers_under_test, name):
+    for max_length, pair in ((None, False), (16, True)):
+        backend = tasks._backend(tokenizers_under_test[name], max_length, pair)
+        assert (backend.python is not None) == (name in PYTHON_PATH)
+
+
+def test_the_chunk_cache_starting_afresh_changes_nothing(tokenizers_under_test, monkeypatch):
+    from neuronserve import wordpiece
+
+    monkeypatch.setattr(wordpiece, "CACHE_ENTRIES", 3)
+    monkeypatch.setattr(wordpiece, "CACHE_CHUNK_CHARS", 5)
+    tokenizer = tokenizers_under_test["minilm"]
+    tasks._BACKENDS.pop(tokenizer, None)     # a backend whose cache the patched limits govern
+    try:
+        text = "the little engine says: 'I think I can' as it pulls the heavy load, up and up and up"
+        for _ in range(2):
+            _check(tokenizer, QA, [tasks.QAItem("what does it say?", text)] * 3, 24, True)
+        assert len(tasks._backend(tokenizer, 24, True).python._cache) <= 3
+    finally:
+        tasks._BACKENDS.pop(tokenizer, None)
     assert tasks._backend(tokenizers_under_test["cased-unclean"], 128, True).plain("Tab\tKept") == "Tab\tKept"
