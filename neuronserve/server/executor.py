@@ -191,21 +191,23 @@ class Executor:
         finally:
             busy.inc(time.perf_counter() - started)
         self.metrics.batch(len(items), batch.batch)
+        live = [row for row, (work, _) in enumerate(entries) if not work.cancelled]
+        wanted = [row for row in live if entries[row][0].decode]
+        answers = dict.fromkeys(live)
+        if wanted:
+            try:
+                chosen = outputs if len(wanted) == len(items) else [o[wanted] for o in outputs]
+                answers.update(zip(wanted, tasks.decode(self.manifest.task, self.manifest, chosen,
+                                                        [items[row] for row in wanted])))
+            except Exception as e:  # a decode bug must fail these requests, not the copy
+                log.exception("decoding answers failed")
+                answers.update(dict.fromkeys(wanted, ServeError(500, f"decoding the answer failed: {e}")))
         results = []
-        manifest, task = self.manifest, self.manifest.task
-        for row, (work, i) in enumerate(entries):
-            if work.cancelled:
-                continue
-            item = items[row]
-            rows = tuple(o[row, :item.length] if self.per_token else o[row] for o in outputs)
-            answer = None
-            if work.decode:
-                try:
-                    answer = tasks.decode(task, manifest, rows, item)
-                except Exception as e:  # a decode bug must fail this item's request, not the copy
-                    log.exception("decoding an answer failed")
-                    answer = ServeError(500, f"decoding the answer failed: {e}")
-            results.append((work, i, rows, answer))
+        for row in live:
+            work, i = entries[row]
+            length = items[row].length
+            rows = tuple(o[row, :length] if self.per_token else o[row] for o in outputs)
+            results.append((work, i, rows, answers[row]))
         if results:
             self._loop.call_soon_threadsafe(_deliver, results)
 

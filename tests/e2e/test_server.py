@@ -151,7 +151,7 @@ def test_question_answering_equals_the_eager_model(servers, sources):
         end = np.asarray(outputs["end_logits"]["data"]).reshape(-1, width)[row, :item.length]
         np.testing.assert_allclose(start, eager.start_logits[0].numpy(), atol=1e-4)
         np.testing.assert_allclose(end, eager.end_logits[0].numpy(), atol=1e-4)
-        expected = tasks.decode(QA, None, [eager.start_logits[0].numpy(), eager.end_logits[0].numpy()], item)
+        [expected] = tasks.decode(QA, None, [eager.start_logits.numpy(), eager.end_logits.numpy()], [item])
         assert hf[row]["answer"] == expected["answer"] and hf[row]["start"] == expected["start"]
         assert hf[row]["score"] == pytest.approx(expected["score"], abs=1e-4)
         assert json.loads(outputs["answer"]["data"][row]) == hf[row]

@@ -134,6 +134,12 @@ def _qa_item(tokenizer, question="Where do I live?", context="My name is Wolfgan
     return enc
 
 
+def _decode_qa(start, end, enc):
+    """One item's answer, decoded as a batch of one."""
+    [answer] = tasks.decode("question-answering", manifest("question-answering"), [start[None], end[None]], [enc])
+    return answer
+
+
 def _token_of(enc, word):
     """Index of the context token whose text is `word`."""
     for t in np.flatnonzero(enc.sequence_ids == 1):
@@ -150,7 +156,7 @@ def test_decode_qa_answers_from_offsets(tokenizer):
     end[_token_of(enc, "Wolfgang")] = 8
     # a higher logit on a question token and on padding must be ignored: answers come from the context
     start[_token_of(enc, "Wolfgang") - 6] = start[60] = end[60] = 50
-    ans = tasks.decode("question-answering", manifest("question-answering"), [start, end], enc)
+    ans = _decode_qa(start, end, enc)
     assert ans["answer"] == "Wolfgang" == enc.context[ans["start"]:ans["end"]]
     assert 0.5 < ans["score"] <= 1.0
 
@@ -164,11 +170,11 @@ def test_decode_qa_end_not_before_start_and_at_most_30_tokens(tokenizer):
     start[:ctx[20]] = -30    # no plausible start before token 20 ...
     end[ctx[5]] = 20         # ... so this end, before the best start, pairs with nothing valid
     end[ctx[21]] = 5
-    ans = tasks.decode("question-answering", manifest("question-answering"), [start, end], enc)
+    ans = _decode_qa(start, end, enc)
     assert ans["start"] == enc.offsets[ctx[20], 0] and ans["end"] == enc.offsets[ctx[21], 1]
     start[:], end[:] = 0, 0
     start[ctx[0]], end[ctx[45]] = 10, 10    # 46 tokens: too long
-    ans = tasks.decode("question-answering", manifest("question-answering"), [start, end], enc)
+    ans = _decode_qa(start, end, enc)
     span_tokens = [t for t in ctx if enc.offsets[t, 0] >= ans["start"] and enc.offsets[t, 1] <= ans["end"]]
     assert 1 <= len(span_tokens) <= tasks.MAX_ANSWER_TOKENS
 
@@ -180,7 +186,7 @@ def test_decode_qa_always_returns_a_span_of_the_context(tokenizer, seed, words):
     enc = _qa_item(tokenizer, "What?", " ".join(words))
     rng = np.random.default_rng(seed)
     start, end = rng.normal(size=64) * 5, rng.normal(size=64) * 5
-    ans = tasks.decode("question-answering", manifest("question-answering"), [start, end], enc)
+    ans = _decode_qa(start, end, enc)
     assert 0 <= ans["start"] <= ans["end"] <= len(enc.context)
     assert ans["answer"] == enc.context[ans["start"]:ans["end"]] and ans["answer"]
     assert 0.0 <= ans["score"] <= 1.0
@@ -209,16 +215,41 @@ logit = st.one_of(st.integers(-3, 3).map(float), st.floats(-40, 40, width=32))  
 
 @settings(max_examples=60, deadline=None)
 @given(words=st.integers(1, 140), logits=st.lists(logit, min_size=256, max_size=256))
-def test_decode_qa_equals_the_brute_force_answer_exactly(tokenizer, words, logits):
+def test_decode_qa_equals_the_brute_force_answer(tokenizer, words, logits):
+    """The same span exactly (ties included); the score to rounding, as the batch sums each softmax over its
+    padded row, in another order."""
     enc = _qa_item(tokenizer, "Which word?", " ".join(f"w{i}" for i in range(words)))     # long ones are cut
     start, end = np.asarray(logits[:128], dtype=np.float32), np.asarray(logits[128:], dtype=np.float32)
-    assert tasks.decode("question-answering", manifest("question-answering"), [start, end], enc) == \
-        _brute_force_qa(start, end, enc)
+    got, expected = _decode_qa(start, end, enc), _brute_force_qa(start, end, enc)
+    assert got == {**expected, "score": pytest.approx(expected["score"], rel=1e-12)}
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_decode_qa_of_a_batch_equals_each_item_decoded_alone(tokenizer, data):
+    """Items of different lengths in one padded batch (rows past them are padding) answer as they do alone."""
+    n = data.draw(st.integers(1, 5))
+    items = [_qa_item(tokenizer, data.draw(st.sampled_from(["Which?", "Which word is it?"])),
+                      " ".join(f"w{i}" for i in range(data.draw(st.integers(1, 70))))) for _ in range(n)]
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    start, end = (rng.normal(size=(n + 2, 64)).astype(np.float32) * 4 for _ in range(2))
+    batch = tasks.decode("question-answering", manifest("question-answering"), [start, end], items)
+    assert batch == [_decode_qa(start[r], end[r], item) for r, item in enumerate(items)]
+
+
+def test_decode_qa_answers_empty_for_a_context_the_normalizer_empties(tokenizer):
+    items = tasks.encode("question-answering", tokenizer, [tasks.QAItem("What?", "\x00\x01"),
+                                                           tasks.QAItem("What?", "only this")], 16, True)
+    assert 1 not in items[0].encoding.sequence_ids
+    logits = np.zeros((2, 16), dtype=np.float32)
+    empty, other = tasks.decode("question-answering", manifest("question-answering"), [logits, logits], items)
+    assert empty == {"answer": "", "score": 0.0, "start": 0, "end": 0}
+    assert other == {"answer": "only", "score": pytest.approx(0.25), "start": 0, "end": 4}
 
 
 def test_decode_classification_softmax_sorted():
     m = manifest("text-classification", labels={"0": "NEGATIVE", "1": "POSITIVE", "2": "NEUTRAL"})
-    out = tasks.decode("text-classification", m, [np.array([0.5, 2.0, -1.0], dtype=np.float32)], None)
+    [out] = tasks.decode("text-classification", m, [np.array([[0.5, 2.0, -1.0]], dtype=np.float32)], [None])
     assert [r["label"] for r in out] == ["POSITIVE", "NEGATIVE", "NEUTRAL"]
     e = np.exp([0.5, 2.0, -1.0])
     assert out[0]["score"] == pytest.approx(e[1] / e.sum())
@@ -227,13 +258,14 @@ def test_decode_classification_softmax_sorted():
 
 def test_decode_classification_multi_label_sigmoid():
     m = manifest("text-classification", labels={"0": "a", "1": "b"}, multi_label=True)
-    out = tasks.decode("text-classification", m, [np.array([3.0, 1.0])], None)
+    [out] = tasks.decode("text-classification", m, [np.array([[3.0, 1.0]])], [None])
     assert out[0] == {"label": "a", "score": pytest.approx(1 / (1 + np.exp(-3.0)))}
     assert out[1]["score"] == pytest.approx(1 / (1 + np.exp(-1.0)))
 
 
 def test_decode_embedding_is_a_list_of_floats():
-    out = tasks.decode("feature-extraction", manifest("feature-extraction"), [np.arange(4, dtype=np.float32)], None)
+    [out] = tasks.decode("feature-extraction", manifest("feature-extraction"), [np.arange(4, dtype=np.float32)[None]],
+                         [None])
     assert out == [0.0, 1.0, 2.0, 3.0] and all(isinstance(x, float) for x in out)
 
 
