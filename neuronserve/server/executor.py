@@ -226,7 +226,8 @@ def _deliver(results: list) -> None:
             work.answers[i] = answer
         work.pending -= 1
         if work.pending == 0:
-            work.future.set_result(work)
+            # not the work itself: future -> work -> future would leave every request to the garbage collector
+            work.future.set_result(None)
 
 
 def _fail(entries: list, error: ServeError) -> None:

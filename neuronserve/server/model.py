@@ -149,7 +149,8 @@ class ServedModel:
             504, f"no answer within {self.settings.timeout_s:g} s (timeout_s)"))
         watch = None if disconnected is None else self._loop.call_later(WATCH_AFTER_S, _watch, future, disconnected)
         try:
-            return await future
+            await future
+            return work
         finally:    # also when this handler itself is cancelled
             timer.cancel()
             if watch is not None:
