@@ -225,10 +225,13 @@ class _Backend:
 
     def plain(self, text: str) -> str | None:
         """`text` as the BertNormalizer leaves it when that maps it one character for one, else None."""
-        if not text.isascii() or _CONTROL.search(text):
+        if not text.isascii():
+            return None
+        printable = text.isprintable()      # neither a control character nor \t \n \r: one quick scan
+        if not printable and _CONTROL.search(text):
             return None
         out = text.lower() if self.lowercase else text
-        if self.clean and ("\t" in out or "\n" in out or "\r" in out):
+        if self.clean and not printable:
             out = out.translate(_SPACES)
         if self.added is not None and (self.added.search(text) or self.added.search(out)):
             return None

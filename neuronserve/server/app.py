@@ -1,4 +1,6 @@
-"""The ASGI app one group's worker runs: gunicorn -k uvicorn_worker.UvicornWorker 'neuronserve.server.app:create_app()'.
+"""The ASGI app one group's worker runs:
+
+    gunicorn -k neuronserve.server.worker.Worker 'neuronserve.server.app:create_app()'
 
 Routes (every error body is {"error": "<message>"}):
 

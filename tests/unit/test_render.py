@@ -200,7 +200,7 @@ def test_gunicorn_config(tmp_path):
     assert set(settings) <= {s.name for s in KNOWN_SETTINGS}
     assert settings["bind"] == [f"127.0.0.1:{g.port}"]
     assert settings["workers"] == 1 and settings["preload_app"] is False
-    assert settings["worker_class"] == "uvicorn_worker.UvicornWorker"
+    assert settings["worker_class"] == "neuronserve.server.worker.Worker"
     assert settings["graceful_timeout"] == 12 and settings["timeout"] >= 20
     assert settings["loglevel"] == "debug" and settings["proc_name"] == f"neuronserve-{g.name}"
     assert settings["accesslog"] is None and settings["errorlog"] == "-" and settings["max_requests"] == 0
