@@ -1,5 +1,6 @@
 """BERT's tokenizer for plain ASCII text, in Python: the same ids, type ids, sequence ids and character offsets as
-the Rust tokenizer it stands in for, at a quarter of its CPU time on request-sized texts.
+the Rust tokenizer it stands in for, in a third of its CPU time on request-sized texts (106 against 322 us for
+the bench's 114-token question and context, normalizing included).
 
 Most of the Rust tokenizer's time on a short text goes to its pre-tokenizer and to alignment bookkeeping, general
 machinery that plain ASCII text does not need. There BERT's pre-tokenizer splits at whitespace and isolates each
