@@ -189,7 +189,7 @@ class _Backend:
     copy: transformers re-configures the shared one on each of its own calls), and its Python stand-in for
     plain text.
 
-    Plain text skips the Rust tokenizer (wordpiece.py: a quarter of its CPU time): on ASCII text without control
+    Plain text skips the Rust tokenizer (wordpiece.py: a third of its CPU time): on ASCII text without control
     characters BertNormalizer only lowercases and turns \\t \\n \\r into spaces, one character for one, so
     the text normalized here and tokenized by `wordpiece` yields the very same ids, type ids and character
     offsets. Any other configuration, or text with anything else in it (non-ASCII, control characters, an added

@@ -96,8 +96,9 @@ class Gunicorn:
         env.update(settings.to_env(), PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-k", "neuronserve.server.worker.Worker", "-w", "1", "--no-control-socket",
-             "-b", f"127.0.0.1:{self.port}", "--timeout", "300", "--graceful-timeout", "30", APP],
+            [sys.executable, "-m", "gunicorn", "-k", "neuronserve.server.worker.Worker", "-w", "1",
+             "--no-control-socket", "-b", f"127.0.0.1:{self.port}", "--timeout", "300", "--graceful-timeout", "30",
+             APP],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def log(self) -> str:
