@@ -99,12 +99,17 @@ class Reference:
         ctx = mp.get_context("spawn")      # a fresh interpreter per group: no torch thread pool inherited
         self.batch = batch
         self._conns, self._procs = [], []
-        for g in groups:
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_reference_worker, args=(str(model_dir), payload, batch, g, child), daemon=True)
-            p.start()
-            self._conns.append(parent)
-            self._procs.append(p)
+        try:
+            for g in groups:
+                parent, child = ctx.Pipe()
+                p = ctx.Process(target=_reference_worker, args=(str(model_dir), payload, batch, g, child),
+                                daemon=True)
+                p.start()
+                self._conns.append(parent)
+                self._procs.append(p)
+        except BaseException:   # the groups started so far must not outlive a failed start
+            self.close()
+            raise
 
     def __enter__(self) -> "Reference":
         try:

@@ -328,6 +328,29 @@ def test_the_ceiling_reference_stays_loaded_and_measures_again(compiled_tiny):
     assert not any(p.is_alive() for p in ref._procs)
 
 
+@pytest.mark.slow
+def test_a_ceiling_reference_that_fails_to_start_leaves_no_process(compiled_tiny, monkeypatch):
+    import multiprocessing.context
+
+    from bench.ceiling import Reference
+    from bench.systems import PAYLOAD
+
+    started = []
+    start = multiprocessing.context.SpawnProcess.start
+
+    def second_fails(process):
+        if started:
+            raise OSError("cannot start another process")
+        start(process)
+        started.append(process)
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", second_fails)
+    cpu = min(os.sched_getaffinity(0))
+    with pytest.raises(OSError, match="another process"):
+        Reference(compiled_tiny, PAYLOAD, 1, [[cpu], [cpu]])
+    assert len(started) == 1 and not started[0].is_alive()
+
+
 def test_serving_cpu_per_request_excludes_the_model():
     assert report.serving_cpu_per_request(_level(4, 100.0, 0.1, cpu_s=3.0, model=2.0)) == pytest.approx(0.001)
     assert report.serving_cpu_per_request(_level(4, 100.0, 0.1, cpu_s=1.0, model=2.0)) == 0.0
