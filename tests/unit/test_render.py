@@ -215,6 +215,9 @@ def test_front_routes_each_model_to_its_groups(tmp_path):
     assert set(upstreams) == {"neuronserve_emb", "neuronserve_qa", "neuronserve__all"}
     emb = upstreams["neuronserve_emb"]
     assert "least_conn;" in emb and "keepalive 64;" in emb
+    # one balancing state for all nginx workers, a zone of its own per upstream
+    zones = [re.search(r"^\s*zone (\S+) 64k;$", u, re.M).group(1) for u in upstreams.values()]
+    assert zones[0] == "neuronserve_upstream_emb" and len(set(zones)) == 3
     assert "server 127.0.0.1:8100 max_fails=0 fail_timeout=2s;" in emb
     assert "server 127.0.0.1:8101 down;" in emb and "8103" not in emb
     assert "server 127.0.0.1:8103 max_fails" in upstreams["neuronserve_qa"]
