@@ -76,17 +76,27 @@ class _Text:
     def __init__(self, chunks: list[str], entries: list[tuple]):
         self.chunks, self.entries = chunks, entries
         self.ids = list(chain.from_iterable(map(_IDS, entries)))
-        self._upto = None
+        self._upto = self._at = None
+
+    def upto(self) -> list[int]:
+        """Per chunk, the tokens up to and including it (worked out once, when first asked)."""
+        if self._upto is None:
+            self._upto = list(accumulate(map(len, map(_IDS, self.entries))))
+        return self._upto
+
+    def chunk_of(self, token: int) -> tuple[int, int]:
+        """(the chunk holding `token`, the token's index within that chunk's pieces)."""
+        upto = self.upto()
+        k = bisect_right(upto, token)
+        return k, token - (upto[k - 1] if k else 0)
 
     def chars(self, token: int) -> tuple[int, int]:
-        if self._upto is None:      # tokens up to and including each chunk, and where each chunk starts
-            self._upto = list(accumulate(map(len, map(_IDS, self.entries))))
+        if self._at is None:        # where each chunk starts, less the spaces before it
             self._at = list(accumulate(map(len, self.chunks), initial=0))
-        k = bisect_right(self._upto, token)     # the chunk holding the token
-        first = self._upto[k - 1] if k else 0
+        k, piece = self.chunk_of(token)
         at = self._at[k] + k        # one space after each chunk before it
         _, starts, ends = self.entries[k]
-        return at + starts[token - first], at + ends[token - first]
+        return at + starts[piece], at + ends[piece]
 
 
 class WordPiece:
@@ -147,17 +157,13 @@ class WordPiece:
 
     def _cut(self, text: _Text, keep: int) -> _Text:
         """`text` cut to `keep` tokens, whole chunks where it can and the split chunk's pieces as they were."""
-        upto = list(accumulate(map(len, map(_IDS, text.entries))))
         if self.direction == "right":
-            k = bisect_right(upto, keep - 1)        # the chunk holding the last kept token
-            first = upto[k - 1] if k else 0
-            entry = tuple(part[:keep - first] for part in text.entries[k])
+            k, last = text.chunk_of(keep - 1)       # the chunk holding the last kept token
+            entry = tuple(part[:last + 1] for part in text.entries[k])
             return _Text(text.chunks[:k + 1], text.entries[:k] + [entry])
         # left: keep the last `keep` tokens; the first kept chunk loses its leading pieces
-        drop = upto[-1] - keep
-        k = bisect_right(upto, drop - 1) if drop else 0
-        first = upto[k - 1] if k else 0
-        entry = tuple(part[drop - first:] for part in text.entries[k])
+        k, first = text.chunk_of(len(text.ids) - keep)     # the chunk holding the first kept token
+        entry = tuple(part[first:] for part in text.entries[k])
         # the chunks before k stay (empty) so that character offsets still count from the text's start
         return _Text(text.chunks, [((), (), ())] * k + [entry] + text.entries[k + 1:])
 
