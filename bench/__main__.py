@@ -78,15 +78,18 @@ def measure_systems(systems: list, result: dict, model_dir: Path, cpus: list[int
             wrk.run(system.targets, warm, min(duration, max(4.0, 6 * best_call(ceil))))
             drain(system, b1)
         probes = []
+
+        def probe() -> None:
+            probes.append(vars(ref.measure(probe_s)))
+            log(f"  ceiling batch {best['batch']}: {probes[-1]['items_per_s']:.2f} items/s")
+
         for c in levels:
             for system in systems:
-                probes.append(vars(ref.measure(probe_s)))
-                log(f"  ceiling batch {best['batch']}: {probes[-1]['items_per_s']:.2f} items/s")
+                probe()
                 rows[system.label].append(measure_level(system, c, ceil, duration, ramp))
                 order.append(rows[system.label][-1])
                 drain(system, b1)
-        probes.append(vars(ref.measure(probe_s)))
-        log(f"  ceiling batch {best['batch']}: {probes[-1]['items_per_s']:.2f} items/s")
+        probe()
     for row, before, after in zip(order, probes, probes[1:]):
         row["ceiling"] = {"batch": best["batch"], "before": before["items_per_s"], "after": after["items_per_s"],
                           **{k: (before[k] + after[k]) / 2 for k in ("items_per_s", "per_call_s", "per_call_cpu_s")}}

@@ -215,8 +215,8 @@ def markdown(results: dict[str, dict], meta: dict) -> str:
                   f"one process per core group, swept before the levels; measured again beside each level: "
                   f"the table's ceiling column); batch-1 latency {_ms(s['inprocess_b1_group_s'])} ms on one "
                   f"group, {_ms(s['inprocess_b1_all_s'])} ms on all CPUs.", "",
-                  "| concurrency | ceiling items/s beside the level | neuronserve req/s | baseline req/s | neuronserve / ceiling "
-                  "| neuronserve / baseline | neuronserve p50 / p99 ms | baseline p50 / p99 ms "
+                  "| concurrency | ceiling items/s beside the level | neuronserve req/s | baseline req/s "
+                  "| neuronserve / ceiling | neuronserve / baseline | neuronserve p50 / p99 ms | baseline p50 / p99 ms "
                   "| CPU efficiency vs ceiling: neuronserve / baseline | other load (CPUs) |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in ratio_rows(result):
