@@ -3,7 +3,8 @@
 For each model (bert-base, tiny, then no-encoder: the model's compute nearly off the CPU, as on an accelerator):
   1. build and compile it (kept under bench-results/work between runs);
   2. the in-process ceiling: every batch size, one pinned process per core group, all at once; the batch-1
-     latency of a lone caller on one group and on all CPUs;
+     latency of a lone caller on one group and on all CPUs (the latter measured again beside the served
+     concurrency-1 levels);
   3. neuronserve (one group per CPU behind nginx) and the baseline (one pinned hypercorn process per CPU), both
      up at once: start, check one answer from every backend, warm every bucket with a short unmeasured burst;
      then for each concurrency and each system in turn (their levels interleaved): measure the ceiling's best
@@ -29,7 +30,8 @@ from bench.systems import PAYLOAD, BaselineSystem, NeuronserveSystem
 # seconds per level, per model, and the first seconds of it left out of the throughput (the ramp: no answer
 # comes before the first batch is done). BERT-base completes ~1.5 items/s per core in batches of up to 4, 2.7 s
 # each: a 9 s ramp is over 3 batch times, and the 36 s window holds about 13 batches per core, so a batch more or
-# less at either edge moves a level's rate by a few percent at most. The tiny model's batches take 5 to 80 ms.
+# less at either edge would move a plain count by a few percent: the rate is a slope that weighs the edges
+# least (bench/wrk.py). The tiny model's batches take 5 to 80 ms.
 DURATION = {"bert-base": 45.0, "tiny": 10.0, "no-encoder": 8.0}
 RAMP = {"bert-base": 9.0, "tiny": 2.0, "no-encoder": 2.0}
 CEILING_SECONDS = {"bert-base": 8.0, "tiny": 4.0, "no-encoder": 3.0}
@@ -59,7 +61,8 @@ def measure_systems(systems: list, result: dict, model_dir: Path, cpus: list[int
                     duration: float, ramp: float, probe_s: float) -> dict[str, list[dict]]:
     """Every system up at once, their levels interleaved (c=1 of each, then c=4 of each, ...), and the ceiling's
     best batch measured again before every level and after the last: each level is compared with the ceiling
-    taken on either side of it, and with the other system's level next to it."""
+    taken on either side of it, and with the other system's level next to it. The concurrency-1 levels are also
+    held against a lone in-process batch-1 caller on all CPUs, measured before the first and after each."""
     ceil = result["ceiling"]
     b1 = ceil["latency_group"]["median_s"]
     best = report.best_ceiling(ceil)
@@ -67,6 +70,7 @@ def measure_systems(systems: list, result: dict, model_dir: Path, cpus: list[int
     order = []
     with contextlib.ExitStack() as stack:
         ref = stack.enter_context(ceiling.Reference(model_dir, PAYLOAD, best["batch"], [[c] for c in cpus]))
+        lone = stack.enter_context(ceiling.Reference(model_dir, PAYLOAD, 1, [cpus])) if 1 in levels else None
         for system in systems:
             log(f"  {system.label}: starting")
             system.start()
@@ -77,18 +81,32 @@ def measure_systems(systems: list, result: dict, model_dir: Path, cpus: list[int
             log(f"  {system.label}: warm-up burst at concurrency {warm}")
             wrk.run(system.targets, warm, min(duration, max(4.0, 6 * best_call(ceil))))
             drain(system, b1)
-        probes = []
+        probes, lone_times = [], []
 
         def probe() -> None:
             probes.append(vars(ref.measure(probe_s)))
             log(f"  ceiling batch {best['batch']}: {probes[-1]['items_per_s']:.2f} items/s")
 
+        def lone_probe() -> None:
+            lone_times.append(lone.call_times(probe_s))
+            log(f"  in-process batch 1 on {len(cpus)} CPUs: "
+                f"{ceiling.latency_of(lone_times[-1], cpus).median_s * 1000:.1f} ms")
+
         for c in levels:
             for system in systems:
                 probe()
-                rows[system.label].append(measure_level(system, c, ceil, duration, ramp))
-                order.append(rows[system.label][-1])
+                if c == 1 and not lone_times:
+                    lone_probe()
+                row = measure_level(system, c, ceil, duration, ramp)
+                rows[system.label].append(row)
+                order.append(row)
                 drain(system, b1)
+                if c == 1:
+                    lone_probe()
+                    before, after = lone_times[-2:]
+                    row["latency_all"] = {**vars(ceiling.latency_of(before + after, cpus)),
+                                          "before_median_s": ceiling.latency_of(before, cpus).median_s,
+                                          "after_median_s": ceiling.latency_of(after, cpus).median_s}
         probe()
     for row, before, after in zip(order, probes, probes[1:]):
         row["ceiling"] = {"batch": best["batch"], "before": before["items_per_s"], "after": after["items_per_s"],
@@ -145,8 +163,8 @@ def measure_ceiling(name: str, model_dir: Path, cpus: list[int]) -> dict:
         rows.append(vars(t))
         log(f"  ceiling batch {b}: {t.items_per_s:.1f} items/s ({t.per_call_s * 1000:.1f} ms per call, "
             f"{t.per_call_cpu_s * 1000:.1f} ms CPU)")
-    lat_group = ceiling.latency(model_dir, PAYLOAD, [cpus[0]], 1, seconds)
-    lat_all = ceiling.latency(model_dir, PAYLOAD, cpus, len(cpus), seconds)
+    lat_group = ceiling.latency(model_dir, PAYLOAD, [cpus[0]], seconds)
+    lat_all = ceiling.latency(model_dir, PAYLOAD, cpus, seconds)
     log(f"  in-process batch 1: {lat_group.median_s * 1000:.1f} ms on one CPU, "
         f"{lat_all.median_s * 1000:.1f} ms on {len(cpus)} CPUs")
     return {"throughput": rows, "latency_group": vars(lat_group), "latency_all": vars(lat_all)}

@@ -6,7 +6,8 @@ loads, back to back, for a fixed time. Their items/s add up to what the host can
 best batch size is the ceiling a server can approach.
 
 Latency: one lone process calling batch 1, on one core group and on all the CPUs at once (which a lone
-request could use when nothing else runs).
+request could use when nothing else runs). The all-CPU one is kept loaded too, and measured again beside the
+served concurrency-1 levels.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def sample_arrays(model_dir: Path, payload: dict, batch: int, seq: int):
     return tasks.pad(items * batch, batch, seq, manifest.input_names)
 
 
-def _load(model_dir: Path, payload: dict, batch: int, cpus: list[int], threads: int):
+def _load(model_dir: Path, payload: dict, batch: int, cpus: list[int]):
     import torch
 
     from neuronserve import backends
@@ -56,7 +57,7 @@ def _load(model_dir: Path, payload: dict, batch: int, cpus: list[int], threads: 
     os.sched_setaffinity(0, cpus)
     manifest = read_manifest(model_dir, verify=False)
     seq = max(manifest.sequence_lengths)
-    run = backends.get("cpu").load(model_dir / bucket_file(batch, seq), copy_index=0, threads=threads)
+    run = backends.get("cpu").load(model_dir / bucket_file(batch, seq), copy_index=0, threads=len(cpus))
     inputs = [torch.from_numpy(a) for a in sample_arrays(model_dir, payload, batch, seq)]
     for _ in range(2):          # the first calls of a TorchScript module optimise it
         run(*inputs)
@@ -76,28 +77,30 @@ def _timed_calls(run, inputs, min_s: float, min_calls: int) -> tuple[list[float]
 
 
 def _reference_worker(model_dir, payload, batch, cpus, conn):
-    """Load once, then for every `seconds` received run back to back for that long and send the figures back;
-    None ends it."""
-    run, inputs = _load(Path(model_dir), payload, batch, cpus, len(cpus))
+    """Load once, then for every `seconds` received run back to back for that long and send the figures back
+    (elapsed seconds, each call's seconds, CPU seconds); None ends it."""
+    run, inputs = _load(Path(model_dir), payload, batch, cpus)
     conn.send("ready")
     while (seconds := conn.recv()) is not None:
         t0 = time.perf_counter()
         times, cpu_s = _timed_calls(run, inputs, seconds, 3)
-        conn.send((len(times) * batch, time.perf_counter() - t0, statistics.fmean(times), cpu_s / len(times)))
+        conn.send((time.perf_counter() - t0, times, cpu_s))
 
 
 class Reference:
-    """The ceiling at one batch size, kept loaded in one pinned process per core group, so that it can be
-    measured again at any time: beside every served level, since this host's speed drifts by 10 % and more over
-    minutes, and a ratio holds only between figures taken side by side.
+    """The ceiling at one batch size, kept loaded in one pinned process per core group (intra-op threads: its
+    CPUs), so that it can be measured again at any time: beside every served level, since this host's speed
+    drifts by 10 % and more over minutes, and a ratio holds only between figures taken side by side.
 
         with Reference(model_dir, payload, batch, groups) as ref:
             ref.measure(seconds) -> Throughput
+            ref.call_times(seconds) -> each call's seconds (one group: a lone caller's latencies)
     """
 
     def __init__(self, model_dir: Path, payload: dict, batch: int, groups: list[list[int]]):
         ctx = mp.get_context("spawn")      # a fresh interpreter per group: no torch thread pool inherited
         self.batch = batch
+        self.groups = groups
         self._conns, self._procs = [], []
         try:
             for g in groups:
@@ -125,12 +128,21 @@ class Reference:
 
     def measure(self, seconds: float) -> Throughput:
         """Every group at once (all loaded and waiting, so they start within a millisecond), for `seconds`."""
+        got = self._run(seconds)
+        return Throughput(batch=self.batch,
+                          items_per_s=sum(len(times) * self.batch / elapsed for elapsed, times, _ in got),
+                          per_call_s=statistics.fmean(statistics.fmean(times) for _, times, _ in got),
+                          per_call_cpu_s=statistics.fmean(cpu_s / len(times) for _, times, cpu_s in got))
+
+    def call_times(self, seconds: float) -> list[float]:
+        if len(self.groups) != 1:
+            raise ValueError("a lone caller's latency needs a Reference of one group")
+        return self._run(seconds)[0][1]
+
+    def _run(self, seconds: float) -> list:
         for c in self._conns:
             c.send(seconds)
-        got = [self._recv(c) for c in self._conns]
-        return Throughput(batch=self.batch, items_per_s=sum(items / elapsed for items, elapsed, _, _ in got),
-                          per_call_s=statistics.fmean(g[2] for g in got),
-                          per_call_cpu_s=statistics.fmean(g[3] for g in got))
+        return [self._recv(c) for c in self._conns]
 
     @staticmethod
     def _recv(conn, timeout: float = 600.0):
@@ -150,30 +162,21 @@ class Reference:
                 p.kill()
 
 
-def _latency_worker(model_dir, payload, cpus, threads, seconds, results):
-    run, inputs = _load(Path(model_dir), payload, 1, cpus, threads)
-    results.put(_timed_calls(run, inputs, seconds, 5)[0])
-
-
 def throughput(model_dir: Path, payload: dict, batch: int, groups: list[list[int]], seconds: float) -> Throughput:
     """All groups at once, each calling batch `batch` back to back for `seconds`."""
     with Reference(model_dir, payload, batch, groups) as ref:
         return ref.measure(seconds)
 
 
-def latency(model_dir: Path, payload: dict, cpus: list[int], threads: int, seconds: float) -> Latency:
-    """A lone batch-1 caller on `cpus` with `threads` intra-op threads."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    p = ctx.Process(target=_latency_worker, args=(str(model_dir), payload, cpus, threads, seconds, results))
-    p.start()
-    try:
-        times = sorted(results.get(timeout=600))
-    finally:
-        p.join(timeout=30)
-        if p.is_alive():
-            p.kill()
+def latency(model_dir: Path, payload: dict, cpus: list[int], seconds: float) -> Latency:
+    """A lone batch-1 caller on `cpus`, as many intra-op threads."""
+    with Reference(model_dir, payload, 1, [cpus]) as ref:
+        return latency_of(ref.call_times(seconds), cpus)
+
+
+def latency_of(times: list[float], cpus: list[int]) -> Latency:
     from neuronserve.stats import percentile
 
-    return Latency(cpus=list(cpus), threads=threads, median_s=statistics.median(times),
+    times = sorted(times)
+    return Latency(cpus=list(cpus), threads=len(cpus), median_s=statistics.median(times),
                    p99_s=percentile(times, 99), calls=len(times))

@@ -11,12 +11,15 @@ A model's result (plain JSON-able dicts, as written to bench-results/results.jso
     level = {"concurrency", "throughput", "p50", "p90", "p99", "max", "completed", "errors", "duration_s",
              "cpu_s", "model_cpu_s", "client_cpu_s", "foreign_cpu_s",
              "throughput_whole", "ramp_s", "window_s", "window_completed", "first_s", "last_s",
-             "ceiling": {"batch", "items_per_s", "per_call_s", "per_call_cpu_s", "before", "after"}}
+             "ceiling": {"batch", "items_per_s", "per_call_s", "per_call_cpu_s", "before", "after"},
+             "latency_all": {"median_s", "p99_s", "calls", "before_median_s", "after_median_s", ...}}  # c=1 only
 
 `throughput` is counted in the window after the level's ramp (bench/wrk.py), `throughput_whole` over the whole
 level as wrk reports it; the counts, CPU seconds and latencies cover the whole level. A level's "ceiling" is the
 ceiling's best batch measured right before and right after it (their mean; absent in older results, where the
-sweep's best stands in): the host's speed drifts over minutes, so each level is held against its own.
+sweep's best stands in): the host's speed drifts over minutes, so each level is held against its own. For the
+same reason a concurrency-1 level carries the lone all-CPU batch-1 caller measured right before and right after
+it ("latency_all", both measurements' calls pooled), which its latency ratios use.
 
 Only ratios within one run are compared: the machine's speed cancels out.
 """
@@ -140,15 +143,22 @@ def summary(result: dict) -> dict:
     ns, base = result.get("neuronserve", []), result.get("baseline", [])
     c1 = _at(ns, 1)
     c4, c64 = _at(ns, 4), _at(ns, 64)
-    group, every = result["ceiling"]["latency_group"], result["ceiling"].get("latency_all")
+    group, swept = result["ceiling"]["latency_group"], result["ceiling"].get("latency_all")
+    beside = c1 and c1.get("latency_all")
+    every = beside or swept
     best_b1 = min(group["median_s"], every["median_s"]) if every else group["median_s"]
     out = {
         "ceiling_items_per_s": best_ceiling(result["ceiling"])["items_per_s"],
         "ceiling_batch": best_ceiling(result["ceiling"])["batch"],
         "inprocess_b1_group_s": group["median_s"],
-        "inprocess_b1_all_s": every["median_s"] if every else None,
+        "inprocess_b1_all_s": swept["median_s"] if swept else None,
+        "inprocess_b1_all_beside_s": beside and beside["median_s"],
+        "inprocess_b1_all_beside_p99_s": beside and beside["p99_s"],
         "p99_c1_over_b1_group": _ratio(c1 and c1["p99"], group["median_s"]),
         "p99_c1_over_b1_best": _ratio(c1 and c1["p99"], best_b1),
+        # like for like, beside the level: what serving adds to a lone request's typical and tail latency
+        "p50_c1_over_b1_all_p50": _ratio(c1 and c1["p50"], beside and beside["median_s"]),
+        "p99_c1_over_b1_all_p99": _ratio(c1 and c1["p99"], beside and beside["p99_s"]),
         "c64_over_c4": _ratio(c64 and c64["throughput"], c4 and c4["throughput"]),
         "max_neuronserve": max((lv["throughput"] for lv in ns), default=None),
         "max_baseline": max((lv["throughput"] for lv in base), default=None),
@@ -214,7 +224,10 @@ def markdown(results: dict[str, dict], meta: dict) -> str:
                   f"In-process ceiling: {_n(s['ceiling_items_per_s'])} items/s (batch {s['ceiling_batch']}, "
                   f"one process per core group, swept before the levels; measured again beside each level: "
                   f"the table's ceiling column); batch-1 latency {_ms(s['inprocess_b1_group_s'])} ms on one "
-                  f"group, {_ms(s['inprocess_b1_all_s'])} ms on all CPUs.", "",
+                  f"group, {_ms(s['inprocess_b1_all_s'])} ms on all CPUs"
+                  + (f" ({_ms(s['inprocess_b1_all_beside_s'])} ms, p99 {_ms(s['inprocess_b1_all_beside_p99_s'])} "
+                     f"ms, beside the concurrency-1 level, which the latency targets use)"
+                     if s["inprocess_b1_all_beside_s"] else "") + ".", "",
                   "| concurrency | ceiling items/s beside the level | neuronserve req/s | baseline req/s "
                   "| neuronserve / ceiling | neuronserve / baseline | neuronserve p50 / p99 ms | baseline p50 / p99 ms "
                   "| CPU efficiency vs ceiling: neuronserve / baseline | other load (CPUs) |",
@@ -237,6 +250,10 @@ def markdown(results: dict[str, dict], meta: dict) -> str:
                   "| target | measured | met |", "|---|---:|:---:|"]
         for text, value, ok in targets(name, result):
             lines.append(f"| {text} | {value} | {'-' if ok is None else 'yes' if ok else 'NO'} |")
+        if s["p99_c1_over_b1_all_p99"] is not None:
+            lines += ["", f"Concurrency 1 against the lone in-process caller on all CPUs beside it, like for like: "
+                          f"p50 / its median {_n(s['p50_c1_over_b1_all_p50'], '.3f')}, "
+                          f"p99 / its p99 {_n(s['p99_c1_over_b1_all_p99'], '.3f')}."]
         if errors:
             lines += ["", "Errors: " + "; ".join(f"{k}: {v}" for k, v in errors.items())]
         lines.append("")

@@ -124,18 +124,18 @@ def _wrk_line(window: str) -> str:
 
 
 def test_wrk_output_parsing():
-    out = _wrk_line('{"started": 123.5, "from_s": 0.5, "to_s": 2.0, "requests": 80, "status": 2, "first_s": 0.61, '
-                    '"last_s": 1.98}')
+    out = _wrk_line('{"started": 123.5, "from_s": 0.5, "to_s": 2.0, "requests": 80, "status": 2, "rate": 51.5, '
+                    '"first_s": 0.61, "last_s": 1.98}')
     r = wrk.parse_output(out, 8)
     assert r.errors == {"status": 4, "timeout": 1}
     assert r.ok == 96 and r.throughput_whole == pytest.approx(48.0)
-    # the window: 78 answered requests in 1.5 s
+    # the window: 78 answered requests in 1.5 s, and their slope
     assert (r.started, r.ramp_s, r.window_s, r.window_completed) == (123.5, 0.5, 1.5, 80)
-    assert r.throughput == pytest.approx(52.0)
+    assert r.throughput == 51.5
     assert (r.first_s, r.last_s) == (0.61, 1.98)
     assert (r.p50, r.p99, r.max) == (0.001, 0.005, 0.009)
     empty = wrk.parse_output(_wrk_line('{"started": 1.0, "from_s": 1.0, "to_s": 2.0, "requests": 0, "status": 0, '
-                                       '"first_s": null, "last_s": null}'), 8)
+                                       '"rate": 0.0, "first_s": null, "last_s": null}'), 8)
     assert empty.throughput == 0.0 and empty.first_s is None and empty.last_s is None
     with pytest.raises(RuntimeError, match="no result"):
         wrk.parse_output("wrk: connection refused", 1)
@@ -221,7 +221,11 @@ def test_wrk_counts_the_window_as_the_server_saw_it():
     assert (r.ramp_s, r.window_s) == (1.0, 2.0)
     assert r.window_completed == len(seen) == 5 * 4                   # both threads' counts, added up
     assert r.window_status_errors == sum(status == 500 for _, status in seen) == 5 * 2
-    assert r.throughput == pytest.approx(10 / 2.0)
+    # the slope: each answered request weighed by where it fell in the window (6 (W^2/4 - d^2) / W^3, d from its
+    # middle); the bursts' 5 ok answers a second, all five bursts being well inside
+    weights = [6 * (2.0 ** 2 / 4 - (t - 2.0) ** 2) / 2.0 ** 3 for t, status in seen if status == 200]
+    assert r.throughput == pytest.approx(sum(weights), rel=0.01)
+    assert r.throughput == pytest.approx(10 / 2.0, rel=0.05)
     assert r.first_s == pytest.approx(seen[0][0], abs=0.05) and r.last_s == pytest.approx(seen[-1][0], abs=0.05)
     assert r.completed > r.window_completed and r.errors.get("status", 0) > r.window_status_errors
 
@@ -311,6 +315,23 @@ def test_each_level_is_held_against_the_ceiling_measured_beside_it():
     assert report.summary(result)["min_over_ceiling_c4_up"] == pytest.approx(0.98)
 
 
+def test_concurrency_1_is_held_against_the_lone_caller_measured_beside_it():
+    """The sweep's all-CPU batch-1 latency (60 ms) was taken minutes before; beside the level it was 80 ms."""
+    beside = {"median_s": 0.08, "p99_s": 0.09, "calls": 40, "before_median_s": 0.078, "after_median_s": 0.082}
+    ns = {**_level(1, 11.0, 0.088), "p50": 0.082, "latency_all": beside}
+    result = {"name": "bert-base", "ceiling": _ceiling(), "neuronserve": [ns], "baseline": []}
+    s = report.summary(result)
+    assert s["inprocess_b1_all_s"] == 0.06 and s["inprocess_b1_all_beside_s"] == 0.08
+    assert s["p99_c1_over_b1_best"] == pytest.approx(0.088 / 0.08)
+    assert s["p50_c1_over_b1_all_p50"] == pytest.approx(0.082 / 0.08)
+    assert s["p99_c1_over_b1_all_p99"] == pytest.approx(0.088 / 0.09)
+    met = {text: ok for text, _, ok in report.targets("bert-base", result)}
+    assert met["p99 at concurrency 1 / in-process batch-1 latency (best of one group, all CPUs) <= 1.05"] is False
+    md = report.markdown({"bert-base": result}, {"when": "now"})
+    assert "60.0 ms on all CPUs (80.0 ms, p99 90.0 ms, beside the concurrency-1 level" in md
+    assert "p50 / its median 1.025, p99 / its p99 0.978." in md
+
+
 @pytest.mark.slow
 def test_the_ceiling_reference_stays_loaded_and_measures_again(compiled_tiny):
     from bench.ceiling import Reference
@@ -326,6 +347,13 @@ def test_the_ceiling_reference_stays_loaded_and_measures_again(compiled_tiny):
         # >= 3 calls per group in 0.2 s at least: the rate is what the calls took, summed over the groups
         assert t.items_per_s == pytest.approx(len(cpus) / t.per_call_s, rel=0.5)
     assert not any(p.is_alive() for p in ref._procs)
+    # one group: a lone caller on every CPU, its calls' times (the latency beside a concurrency-1 level)
+    with Reference(compiled_tiny, PAYLOAD, 1, [cpus]) as lone:
+        times = lone.call_times(0.2)
+        assert len(times) >= 3 and sum(times) <= 0.2 + max(times) and 0 < min(times)
+        if len(cpus) > 1:
+            with pytest.raises(ValueError, match="one group"):
+                ref.call_times(0.1)
 
 
 @pytest.mark.slow
