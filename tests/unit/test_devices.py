@@ -211,7 +211,7 @@ def test_pin_env_contiguous_range_and_host_side_settings(tmp_path):
     assert env["NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS"] == "4"
     assert env["NEURONSERVE_CPUS"] == "0-47,96-143"          # devices 2 and 3 sit on NUMA node 0
     assert env["NEURONSERVE_THREADS"] == env["OMP_NUM_THREADS"] == "1"
-    assert env["TOKENIZERS_PARALLELISM"] == "false"
+    assert env["TOKENIZERS_PARALLELISM"] == "false" and env["GOMP_SPINCOUNT"] == "10000"
 
 
 def test_pin_env_lists_and_spans(tmp_path):
