@@ -98,8 +98,8 @@ ENV_HELP = {
     "CUDA_DEVICE_ORDER": "PCI_BUS_ID, so that CUDA_VISIBLE_DEVICES counts GPUs as nvidia-smi does (CUDA).",
     "OMP_NUM_THREADS": "Same as NEURONSERVE_THREADS: OpenMP reads it at import, before torch can be told.",
     "MKL_NUM_THREADS": "Same as NEURONSERVE_THREADS, for MKL.",
-    "GOMP_SPINCOUNT": "10000: an idle OpenMP thread spins about 2 ms before it sleeps, not 10 ms, so a finished "
-                      "batch's threads leave their CPUs to the group's other work.",
+    "GOMP_SPINCOUNT": "10000, in groups of one thread per copy: the OpenMP thread of a batch that borrowed an idle "
+                      "group's CPU spins about 2 ms after it, not 10 ms, before it leaves that CPU to its group.",
     "TOKENIZERS_PARALLELISM": "false: the copies already tokenize in parallel; the tokenizer's own pool "
                               "would compete with them.",
     "PYTHONUNBUFFERED": "1, so that log lines reach the journal as they are written.",

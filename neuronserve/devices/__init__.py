@@ -63,20 +63,23 @@ def nearby_cpus(host: Host, cores: list[int]) -> list[int]:
 
 def host_env(cpus: list[int], threads: int) -> dict[str, str]:
     """The host-side part of every backend's pin_env: CPU affinity and thread pools."""
-    return {
+    env = {
         "NEURONSERVE_CPUS": format_core_list(cpus),
         "NEURONSERVE_THREADS": str(threads),
         # the BLAS/OpenMP pools read these at import, before torch.set_num_threads can act
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
-        # how long an idle OpenMP thread spins before it sleeps. libgomp's default (300,000 turns) kept each of a
-        # batch's threads busy for about 10 ms of CPU after every batch, on CPUs that the tokenizer, the event loop
-        # or (after a lent batch) another group needed next; 10,000 turns is about 2 ms. The gaps between the
-        # parallel regions inside a batch are far shorter, so the model runs as fast: BERT-base batch 1 on 2
-        # threads took 407 ms against 411 (1,000 turns: 438 ms)
-        "GOMP_SPINCOUNT": "10000",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    if threads == 1:
+        # A one-thread group's only OpenMP threads are those of a batch lent CPUs by idle groups (lending.py).
+        # libgomp's default spin after a parallel region (300,000 turns, about 10 ms of CPU here) kept such a
+        # thread busy on the lender's CPU just when the lender's next batch wanted it: back-to-back lone BERT-base
+        # requests took 13 ms longer than spaced ones. 10,000 turns is about 2 ms, and the lent batch runs as
+        # fast (407 ms against 411). Groups of several threads keep the default: theirs spin between their own
+        # batches, and a tiny BERT's 2-thread group served 7 % fewer requests at concurrency 64 with 10,000.
+        env["GOMP_SPINCOUNT"] = "10000"
+    return env
 
 
 def run_tool(argv: list[str], timeout: float = 20.0) -> subprocess.CompletedProcess:

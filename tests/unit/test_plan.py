@@ -36,6 +36,10 @@ def test_all_cores_one_per_group(tmp_path):
     g = plan.groups[1]
     assert g.unit == "neuronserve-emb-1.service" and g.address == "127.0.0.1:8101"
     assert g.env["NEURONSERVE_CPUS"] == "1" and g.env["OMP_NUM_THREADS"] == "1"
+    # one thread per copy: only a lent batch has OpenMP threads, and they must not spin long on a lent CPU
+    assert g.env["GOMP_SPINCOUNT"] == "10000"
+    wide = make_plan(cfg_from(tmp_path, model("emb", copies=1, cores_per_group=2)), host(4), python="py")
+    assert wide.groups[0].env["OMP_NUM_THREADS"] == "2" and "GOMP_SPINCOUNT" not in wide.groups[0].env
 
 
 def test_env_round_trips_into_server_settings(tmp_path):
