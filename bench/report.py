@@ -14,12 +14,13 @@ A model's result (plain JSON-able dicts, as written to bench-results/results.jso
              "ceiling": {"batch", "items_per_s", "per_call_s", "per_call_cpu_s", "before", "after"},
              "latency_all": {"median_s", "p99_s", "calls", "before_median_s", "after_median_s", ...}}  # c=1 only
 
-`throughput` is counted in the window after the level's ramp (bench/wrk.py), `throughput_whole` over the whole
-level as wrk reports it; the counts, CPU seconds and latencies cover the whole level. A level's "ceiling" is the
-ceiling's best batch measured right before and right after it (their mean; absent in older results, where the
-sweep's best stands in): the host's speed drifts over minutes, so each level is held against its own. For the
-same reason a concurrency-1 level carries the lone all-CPU batch-1 caller measured right before and right after
-it ("latency_all", both measurements' calls pooled), which its latency ratios use.
+`throughput` is the answered rate in the window after the level's ramp (a slope: bench/wrk.py),
+`throughput_whole` the rate over the whole level as wrk reports it; the counts, CPU seconds and latencies cover
+the whole level. A level's "ceiling" is the ceiling's best batch measured right before and right after it
+(their mean; absent in older results, where the sweep's best stands in): the host's speed drifts over minutes,
+so each level is held against its own. For the same reason a concurrency-1 level carries the lone all-CPU
+batch-1 caller measured right before and right after it ("latency_all", both measurements' calls pooled), which
+its latency ratios use.
 
 Only ratios within one run are compared: the machine's speed cancels out.
 """
