@@ -100,7 +100,6 @@ class Reference:
     def __init__(self, model_dir: Path, payload: dict, batch: int, groups: list[list[int]]):
         ctx = mp.get_context("spawn")      # a fresh interpreter per group: no torch thread pool inherited
         self.batch = batch
-        self.groups = groups
         self._conns, self._procs = [], []
         try:
             for g in groups:
@@ -135,7 +134,7 @@ class Reference:
                           per_call_cpu_s=statistics.fmean(cpu_s / len(times) for _, times, cpu_s in got))
 
     def call_times(self, seconds: float) -> list[float]:
-        if len(self.groups) != 1:
+        if len(self._conns) != 1:
             raise ValueError("a lone caller's latency needs a Reference of one group")
         return self._run(seconds)[0][1]
 
