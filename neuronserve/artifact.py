@@ -46,7 +46,7 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: int = FORMAT
     name: str
-    task: Literal["question-answering", "text-classification", "feature-extraction"]
+    task: str = Field(description="one of neuronserve.tasks.TASKS")
     backend: Literal["cpu", "cuda", "neuron"]
     target: str = Field(description="cpu | cuda | inf1 | inf2 | trn1 | trn2: what the artifacts run on")
     source: str
@@ -54,10 +54,18 @@ class Manifest(BaseModel):
     versions: dict[str, str]
     input_names: list[str]
     output_names: list[str]
-    labels: dict[str, str] = Field(default_factory=dict, description="class id -> label (text-classification)")
-    multi_label: bool = Field(False, description="text-classification scores are independent sigmoids, not a softmax")
-    pooling: Literal["none", "mean", "cls"] = "none"
+    architecture: str = Field("", description="the source config's model_type (bert, mpnet, deberta-v2, ...)")
+    attn_implementation: str = Field("eager", description="the attention kernel the model was traced with")
+    labels: dict[str, str] = Field(default_factory=dict, description="class id -> label (classification heads)")
+    problem_type: Literal["single_label_classification", "multi_label_classification", "regression"] = Field(
+        "single_label_classification", description="classification: softmax, independent sigmoids, or raw values")
+    pooling: Literal["none", "mean", "cls", "max", "lasttoken"] = "none"
     normalize: bool = False
+    dense: list[dict] = Field(default_factory=list, description="feature-extraction: the sentence-transformers "
+                              "Dense layers traced after pooling ({in_features, out_features, activation})")
+    special: dict[str, int] = Field(default_factory=dict, description="token ids the decoders need: mask "
+                                    "(fill-mask), and the special tokens' ids")
+    entailment: int | None = Field(None, description="zero-shot-classification: the entailment label's index")
     dtype: str = "float32"
     compiler_args: list[str] = Field(default_factory=list)
     buckets: list[Bucket]

@@ -75,7 +75,7 @@ def compile_model(source: Path, out: Path, *, name: str, task: str, backend: str
         input_names=input_names, output_names=list(spec.output_names),
         labels={str(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
         if task == "text-classification" else {},
-        multi_label=getattr(model.config, "problem_type", None) == "multi_label_classification",
+        problem_type=getattr(model.config, "problem_type", None) or "single_label_classification",
         pooling=options.get("pooling", "none"), normalize=options.get("normalize", False), dtype=dtype,
         compiler_args=list(compiler_args),
         buckets=[Bucket(batch=b, seq=s, file=bucket_file(b, s), sha256="") for b, s in buckets])

@@ -309,7 +309,7 @@ def decode(task: str, manifest, outputs: Sequence[np.ndarray], items: Sequence[E
 
 def _decode_classification(manifest, outputs, items):
     logits = outputs[0][:len(items)].astype(np.float64)
-    if manifest.multi_label:
+    if manifest.problem_type == "multi_label_classification":
         scores = 1.0 / (1.0 + np.exp(-logits))
     else:
         e = np.exp(logits - logits.max(axis=1, keepdims=True))

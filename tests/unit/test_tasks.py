@@ -257,7 +257,7 @@ def test_decode_classification_softmax_sorted():
 
 
 def test_decode_classification_multi_label_sigmoid():
-    m = manifest("text-classification", labels={"0": "a", "1": "b"}, multi_label=True)
+    m = manifest("text-classification", labels={"0": "a", "1": "b"}, problem_type="multi_label_classification")
     [out] = tasks.decode("text-classification", m, [np.array([[3.0, 1.0]])], [None])
     assert out[0] == {"label": "a", "score": pytest.approx(1 / (1 + np.exp(-3.0)))}
     assert out[1]["score"] == pytest.approx(1 / (1 + np.exp(-1.0)))
