@@ -44,7 +44,8 @@ def sample_arrays(model_dir: Path, payload: dict, batch: int, seq: int):
 
     manifest = read_manifest(model_dir, verify=False)
     tokenizer = load_tokenizer(model_dir / manifest.tokenizer)
-    items = tasks.encode(manifest.task, tokenizer, tasks.parse_inputs(manifest.task, payload), seq, True)
+    request = tasks.parse(manifest.task, payload, None, manifest)
+    items = tasks.encode(manifest.task, tokenizer, request.items, seq, True)
     return tasks.pad(items * batch, batch, seq, manifest.input_names)
 
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from neuronserve.errors import ArtifactError
 
-FORMAT = 1
+FORMAT = 2       # 2: the task registry's tasks, warm-up items as model items (texts or [a, b] pairs)
 MANIFEST = "manifest.json"
 
 
@@ -37,7 +37,7 @@ class Warmup(BaseModel):
     """A known-answer check: the server runs `inputs` through every copy and compares with `expected`."""
 
     model_config = ConfigDict(extra="forbid")
-    texts: list = Field(description="task inputs as a request would carry them (strings, or {question, context})")
+    texts: list = Field(description="the model items to run: texts, or [a, b] text pairs")
     expected: dict[str, list] = Field(description="output name -> nested list (the model's raw outputs)")
     atol: float = Field(description="absolute tolerance: 1e-3 for fp32 CPU, 5e-2 for bf16/fp16")
 

@@ -140,7 +140,7 @@ def request_body(task: str, model: str, protocol: str = "hf", payload: bytes | N
     elif protocol == "v2":
         path = f"/v2/models/{model}/infer"
         value = SAMPLE_INPUTS[task]
-        # question-answering travels as one JSON object string per element (see tasks.parse_inputs)
+        # question-answering travels as one JSON object string per element (see tasks.parse)
         data = [json.dumps(value) if isinstance(value, dict) else value]
         body = payload or json.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
                                                   "data": data}]}).encode()

@@ -22,7 +22,9 @@ from neuronserve.errors import ConfigError
 DEFAULT_PATH = Path("/etc/neuronserve/neuronserve.toml")
 
 Backend = Literal["auto", "neuron", "cuda", "cpu"]
-Task = Literal["question-answering", "text-classification", "feature-extraction"]
+# the task registry's names (neuronserve.tasks.TASKS; a test keeps the two equal: config must not import tasks)
+Task = Literal["feature-extraction", "text-classification", "question-answering", "token-classification",
+               "fill-mask", "zero-shot-classification"]
 NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,39}$"
 
 
@@ -145,7 +147,7 @@ class CpuSection(_Section):
 class ModelSection(_Section):
     """One served model: [models.<name>]."""
 
-    task: Task = Field(description="question-answering, text-classification or feature-extraction")
+    task: Task = Field(description="what the model answers: " + ", ".join(Task.__args__))
     source: str = Field(..., description="Hugging Face model directory (or hub id, only where a network is allowed)")
     batch_sizes: list[int] = Field([1, 4, 8], min_length=1, description="compiled batch buckets")
     sequence_lengths: list[int] = Field([128], min_length=1, description="compiled sequence-length buckets")

@@ -159,7 +159,7 @@ def build_app(model: ServedModel) -> FastAPI:
 
     # ---------------------------------------------------------------- health and metadata
 
-    text_inputs = ["question", "context"] if spec.pair else []
+    text_inputs = list(spec.pair_names or ())
     metadata = {
         "name": model.name, "versions": [VERSION], "platform": f"neuronserve_{settings.backend}",
         "inputs": [{"name": n, "datatype": "INT64", "shape": [-1, -1]} for n in manifest.input_names]
@@ -167,7 +167,8 @@ def build_app(model: ServedModel) -> FastAPI:
         "outputs": [{"name": n, "datatype": "FP32", "shape": _output_shape(manifest, n, spec.per_token)}
                     for n in manifest.output_names] + [{"name": ANSWER, "datatype": "BYTES", "shape": [-1]}],
         "parameters": {"task": model.task, "group": settings.group, "copies": settings.copies,
-                       "buckets": [[b.batch, b.seq] for b in manifest.buckets], "labels": manifest.labels},
+                       "buckets": [[b.batch, b.seq] for b in manifest.buckets], "labels": manifest.labels,
+                       "architecture": manifest.architecture, "task_parameters": list(spec.parameters)},
     }
 
 
@@ -225,16 +226,20 @@ def build_app(model: ServedModel) -> FastAPI:
         if unknown:
             raise ProtocolError(f"unknown output(s) {', '.join(unknown)}; this request can have "
                                 f"{', '.join(available)}")
+        request = None
         if text:
-            items = tasks.parse_inputs(model.task, _texts(text, spec.pair))
+            parameters = {k: v for k, v in (req.parameters or {}).items() if k not in V2_PARAMETERS}
+            request = tasks.parse(model.task, _texts(text, spec.pair_names), parameters, manifest)
+            work = await model.infer(request.items, tokenize=True, options=request.options,
+                                     deadline=t0 + settings.timeout_s, disconnected=disconnected)
         else:
-            items = model.tensor_items(tensors)
-        work = await model.infer(items, tokenize=bool(text), decode=bool(text), deadline=t0 + settings.timeout_s,
-                                 disconnected=disconnected)
+            work = await model.infer(model.tensor_items(tensors), tokenize=False, options=None,
+                                     deadline=t0 + settings.timeout_s, disconnected=disconnected)
         outputs = model.outputs(work)
-        if text:
-            answers = np.empty(len(work.answers), dtype=object)
-            answers[:] = [orjson.dumps(a).decode() for a in work.answers]
+        if request is not None:
+            finished = request.finish(work.answers)     # one answer per input
+            answers = np.empty(len(finished), dtype=object)
+            answers[:] = [orjson.dumps(a).decode() for a in finished]
             outputs[ANSWER] = answers
         body, headers = encode_response(model.name, VERSION, req.id, {n: outputs[n] for n in wanted},
                                         req.binary_outputs())
@@ -244,11 +249,11 @@ def build_app(model: ServedModel) -> FastAPI:
 
     async def infer_task(t0: float, scope, body: bytes, name: str, version: None, disconnected) -> Answer:
         lookup(name)
-        inputs = _task_inputs(body)
-        work = await model.infer(tasks.parse_inputs(model.task, inputs), tokenize=True, decode=True,
+        request = tasks.parse(model.task, *_task_inputs(body), manifest)
+        work = await model.infer(request.items, tokenize=True, options=request.options,
                                  deadline=t0 + settings.timeout_s, disconnected=disconnected)
-        answers = work.answers if isinstance(inputs, list) else work.answers[0]
-        return 200, orjson.dumps(answers, option=orjson.OPT_SERIALIZE_NUMPY), APPLICATION_JSON, []
+        return 200, orjson.dumps(request.finish(work.answers), option=orjson.OPT_SERIALIZE_NUMPY), \
+            APPLICATION_JSON, []
 
     def route(handler):
         """An ASGI app running `handler`: errors become their status + {"error": message}, every answer is
@@ -263,7 +268,7 @@ def build_app(model: ServedModel) -> FastAPI:
                                        lambda: _client_gone(receive))
             except ServeError as e:
                 answer = _error(e.status, str(e), e.retry_after)
-            except ProtocolError as e:
+            except (ProtocolError, tasks.BadParameter) as e:
                 answer = _error(400, str(e))
             except tasks.BadInput as e:
                 answer = _error(422, str(e))
@@ -354,25 +359,30 @@ def _header(scope, name: str) -> str | None:
 
 
 TASK_KEYS = ("inputs", "parameters", "options")
+# KServe v2 / Triton request parameters that are the protocol's, not the task's
+V2_PARAMETERS = frozenset({"binary_data_output", "sequence_id", "sequence_start", "sequence_end", "priority",
+                           "timeout", "headers"})
 
 
-def _task_inputs(body: bytes):
-    """The `inputs` of a task JSON body (TaskRequest), checked by hand: a pydantic model per request costs more
-    than the rest of the route."""
+def _task_inputs(body: bytes) -> tuple:
+    """(inputs, parameters) of a task JSON body (TaskRequest), checked by hand: a pydantic model per request
+    costs more than the rest of the route. Other keys at the top level are parameters too: InferenceClient's
+    feature_extraction sends `normalize` and `truncate` there, as text-embeddings-inference takes them."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as e:
         raise ProtocolError(f"malformed JSON: {e}") from None
     if not isinstance(data, dict):
         raise ProtocolError(f"invalid request: body: expected a JSON object, got {_json_type(data)}")
-    problems = [f"{k}: not a field (only {', '.join(TASK_KEYS)})" for k in data if k not in TASK_KEYS]
-    if "inputs" not in data:
-        problems.append("inputs: field required")
+    problems = [] if "inputs" in data else ["inputs: field required"]
     problems += [f"{k}: expected an object, got {_json_type(data[k])}" for k in TASK_KEYS[1:]
                  if data.get(k) is not None and not isinstance(data[k], dict)]
     if problems:
         raise ProtocolError(f"invalid request: {'; '.join(problems)}")
-    return data["inputs"]
+    parameters = data.get("parameters")
+    if len(data) > 1 + ("parameters" in data) + ("options" in data):
+        parameters = {**(parameters or {}), **{k: v for k, v in data.items() if k not in TASK_KEYS}}
+    return data["inputs"], parameters
 
 
 def _json_type(value) -> str:
@@ -416,21 +426,25 @@ RESPONSES = {"200": "the answers", "400": "malformed request", "404": "unknown m
              "504": "no answer within timeout_s"}
 
 
-def _texts(text: dict[str, np.ndarray], pair: bool) -> list:
-    """BYTES inputs -> the `inputs` parse_inputs takes (question/context pairs zipped for question-answering)."""
-    if pair and set(text) == {"question", "context"}:
-        q, c = text["question"].ravel(), text["context"].ravel()
-        if q.size != c.size:
-            raise ProtocolError(f"question has {q.size} elements, context {c.size}: they pair up one to one")
-        return [{"question": a, "context": b} for a, b in zip(q.tolist(), c.tolist())]
+def _texts(text: dict[str, np.ndarray], pair_names: tuple[str, str] | None) -> list:
+    """BYTES inputs -> the `inputs` tasks.parse takes: one input's strings, or two inputs named as the task's pair
+    (question and context, text and text_pair) zipped into pairs."""
+    if pair_names and set(text) == set(pair_names):
+        a, b = (text[n].ravel() for n in pair_names)
+        if a.size != b.size:
+            raise ProtocolError(f"{pair_names[0]} has {a.size} elements, {pair_names[1]} {b.size}: they pair up "
+                                "one to one")
+        return [dict(zip(pair_names, p)) for p in zip(a.tolist(), b.tolist())]
     if len(text) != 1:
-        raise ProtocolError(f"text goes in one BYTES input{' (or two named question and context)' if pair else ''}; "
-                            f"got {', '.join(sorted(text))}")
+        also = f" (or two named {' and '.join(pair_names)})" if pair_names else ""
+        raise ProtocolError(f"text goes in one BYTES input{also}; got {', '.join(sorted(text))}")
     return next(iter(text.values())).ravel().tolist()
 
 
 def _output_shape(manifest, name: str, per_token: bool) -> list[int]:
-    if per_token:
-        return [-1, -1]
+    """[-1 (items), -1 (tokens) if per token, then the fixed sizes], from the warm-up's expected rows."""
     rows = manifest.warmup.expected.get(name) if manifest.warmup else None
-    return [-1, len(rows[0])] if rows else [-1, -1]
+    if not rows:
+        return [-1, -1]
+    shape = list(np.asarray(rows[0]).shape)
+    return [-1, -1, *shape[1:]] if per_token else [-1, *shape]

@@ -37,15 +37,16 @@ class ServeError(Exception):
 
 class Work:
     """One request's items on their way through the queue: the copies fill `rows` (and `answers` when the
-    request wants decoded answers); the event loop resolves `future` once every item is in."""
+    request wants decoded answers: its task `options`, else None); the event loop resolves `future` once every
+    item is in."""
 
-    __slots__ = ("items", "decode", "rows", "answers", "pending", "future", "cancelled", "t0")
+    __slots__ = ("items", "options", "rows", "answers", "pending", "future", "cancelled", "t0")
 
-    def __init__(self, items: list, future, *, decode: bool):
+    def __init__(self, items: list, future, *, options: dict | None):
         self.items = items
-        self.decode = decode
+        self.options = options
         self.rows: list = [None] * len(items)       # per item: tuple of output rows, in output_names order
-        self.answers: list | None = [None] * len(items) if decode else None
+        self.answers: list | None = None if options is None else [None] * len(items)
         self.pending = len(items)
         self.future = future
         self.cancelled = False                      # set on the loop, read by the copies: they skip its items

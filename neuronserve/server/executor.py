@@ -48,12 +48,13 @@ class Copy:
 
 class Executor:
     def __init__(self, manifest: Manifest, model_dir: Path, *, load: Loader, copies: int, threads: int,
-                 batcher: Batcher, metrics: Metrics, warmup: list, stuck_after_s: float,
+                 tokenizer, batcher: Batcher, metrics: Metrics, warmup: list, stuck_after_s: float,
                  on_change: Callable[[], None], lending: Lending | None = None):
         self.manifest = manifest
         self.model_dir = Path(model_dir)
         self.load = load
         self.threads = threads
+        self.tokenizer = tokenizer              # decoders that name tokens read it
         self.batcher = batcher
         self.metrics = metrics
         self.warmup = warmup                    # tasks.warmup_batches(...) for this manifest
@@ -192,13 +193,14 @@ class Executor:
             busy.inc(time.perf_counter() - started)
         self.metrics.batch(len(items), batch.batch)
         live = [row for row, (work, _) in enumerate(entries) if not work.cancelled]
-        wanted = [row for row in live if entries[row][0].decode]
+        wanted = [row for row in live if entries[row][0].options is not None]
         answers = dict.fromkeys(live)
         if wanted:
             try:
                 chosen = outputs if len(wanted) == len(items) else [o[wanted] for o in outputs]
-                answers.update(zip(wanted, tasks.decode(self.manifest.task, self.manifest, chosen,
-                                                        [items[row] for row in wanted])))
+                answers.update(zip(wanted, tasks.decode(
+                    self.manifest.task, self.manifest, chosen, [items[row] for row in wanted],
+                    [entries[row][0].options for row in wanted], self.tokenizer)))
             except Exception as e:  # a decode bug must fail these requests, not the copy
                 log.exception("decoding answers failed")
                 answers.update(dict.fromkeys(wanted, ServeError(500, f"decoding the answer failed: {e}")))

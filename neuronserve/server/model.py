@@ -55,7 +55,8 @@ class ServedModel:
         except tasks.BadInput as e:
             raise ArtifactError(f"{settings.model_dir}: the manifest's warm-up inputs are unusable: {e}") from None
         self.executor = Executor(manifest, settings.model_dir, load=load or backends.get(settings.backend).load,
-                                 copies=settings.copies, threads=settings.threads, batcher=self.batcher,
+                                 copies=settings.copies, threads=settings.threads, tokenizer=self.tokenizer,
+                                 batcher=self.batcher,
                                  metrics=self.metrics, warmup=warmup, stuck_after_s=settings.timeout_s,
                                  on_change=self._copies_changed,
                                  lending=lending.for_group(settings, self.metrics.borrowed_batches.inc))
@@ -127,18 +128,18 @@ class ServedModel:
         arrays = {name: a.astype(np.int64, copy=False) for name, a in tensors.items()}
         return [tasks.Encoded({name: a[row] for name, a in arrays.items()}, s) for row in range(n)]
 
-    async def infer(self, items: list, *, tokenize: bool, decode: bool, deadline: float,
+    async def infer(self, items: list, *, tokenize: bool, options: dict | None, deadline: float,
                     disconnected: Callable[[], Awaitable] | None = None) -> Work:
         """Queue `items` (parsed task items with `tokenize`, else tasks.Encoded), wait for every row (and
-        answer, with `decode`); ServeError on refusal, timeout or client gone, tasks.BadInput on text the
-        tokenizer refuses. `deadline` is a time.monotonic() value; `disconnected` returns once the client left.
+        answer, decoded with the request's task `options` unless they are None); ServeError on refusal, timeout
+        or client gone, tasks.BadInput on text the tokenizer refuses. `deadline` is a time.monotonic() value; `disconnected` returns once the client left.
 
         Text goes to the tokenizer thread, which queues it for the copies itself: the request's only wake-up
         on the event loop is its answer."""
         if not self.ready:
             raise ServeError(503, f"{self.name} is not ready: {self.reason}", retry_after=5)
         future = self._loop.create_future()
-        work = Work(items, future, decode=decode)
+        work = Work(items, future, options=options)
         if tokenize:
             self._tokenizer_thread.submit(work)
         else:
@@ -165,7 +166,7 @@ class ServedModel:
             rows = [r[k] for r in work.rows]
             width = max(r.shape[0] for r in rows) if rows[0].ndim else 0
             if rows[0].ndim and any(r.shape[0] != width for r in rows):
-                stacked = np.zeros((len(rows), width), dtype=np.float32)
+                stacked = np.zeros((len(rows), width, *rows[0].shape[1:]), dtype=np.float32)
                 for i, r in enumerate(rows):
                     stacked[i, :r.shape[0]] = r
             else:
@@ -221,27 +222,40 @@ class TokenizerThread:
                 self._loop.call_soon_threadsafe(_end, work.future, result)
 
     def _encode(self, works: list[Work]) -> list:
-        def one(items):
-            return tasks.encode(self.task, self.tokenizer, items, self.batcher.max_seq, self.truncation)
+        """Per work its encoded items, or the exception that refused them; works asking the same truncation
+        are tokenized in one call."""
+        out: list = [None] * len(works)
+        groups: dict[tuple, list[int]] = {}
+        for i, w in enumerate(works):
+            groups.setdefault(self._truncation(w.options), []).append(i)
+        for (truncation, direction), members in groups.items():
+            def one(items):
+                return tasks.encode(self.task, self.tokenizer, items, self.batcher.max_seq, truncation, direction)
 
-        if len(works) > 1:
-            try:
-                flat = one([item for w in works for item in w.items])
-            except Exception:
-                pass    # some request's input is bad: tokenize one by one to tell whose
-            else:
-                out, at = [], 0
-                for w in works:
-                    out.append(flat[at:at + len(w.items)])
-                    at += len(w.items)
-                return out
-        out = []
-        for w in works:
-            try:
-                out.append(one(w.items))
-            except Exception as e:
-                out.append(e)
+            if len(members) > 1:
+                try:
+                    flat = one([item for i in members for item in works[i].items])
+                except Exception:
+                    pass    # some request's input is bad: tokenize one by one to tell whose
+                else:
+                    at = 0
+                    for i in members:
+                        out[i] = flat[at:at + len(works[i].items)]
+                        at += len(works[i].items)
+                    continue
+            for i in members:
+                try:
+                    out[i] = one(works[i].items)
+                except Exception as e:
+                    out[i] = e
         return out
+
+    def _truncation(self, options: dict | None) -> tuple[bool, str | None]:
+        """(truncate?, from which side: None for the tokenizer's) for a request's task options."""
+        if not options:
+            return self.truncation, None
+        truncation = options.get("truncation")
+        return self.truncation if truncation is None else truncation, options.get("truncation_direction")
 
 
 def _end(future: asyncio.Future, error: Exception) -> None:

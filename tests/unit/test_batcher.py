@@ -17,6 +17,7 @@ from neuronserve.tasks import load_tokenizer
 from server_kit import GatedLoader, compiled, settings_for
 
 TASK = "text-classification"
+DEFAULTS = tasks.get(TASK).defaults     # a request without parameters
 BUCKETS = [(1, 32), (1, 128), (4, 32), (4, 128)]
 
 
@@ -36,7 +37,7 @@ def items(tokenizer, *words: int) -> list[tasks.Encoded]:
 
 
 def work(its) -> Work:
-    return Work(list(its), None, decode=False)
+    return Work(list(its), None, options=None)
 
 
 def taken(batch) -> list[int]:
@@ -223,7 +224,7 @@ def test_batched_answers_equal_one_by_one(artifact, tokenizer):
         await started(model)
         loader.armed.set()
         try:
-            works = await asyncio.gather(*(model.infer(texts[i:i + 3], tokenize=True, decode=True,
+            works = await asyncio.gather(*(model.infer(texts[i:i + 3], tokenize=True, options=DEFAULTS,
                                                        deadline=time.monotonic() + 60) for i in range(0, 9, 3)))
         finally:
             model.close()
@@ -245,13 +246,13 @@ def test_client_gone_is_dropped_and_timeout_gets_504_then_the_copy_is_replaced(a
         await started(model)
         loader.armed.set()
         try:
-            hung = asyncio.ensure_future(model.infer(["the copy hangs in this one"], tokenize=True, decode=False,
+            hung = asyncio.ensure_future(model.infer(["the copy hangs in this one"], tokenize=True, options=None,
                                                      deadline=time.monotonic() + 1.0))
             while not loader.entered.is_set():
                 await asyncio.sleep(0.01)
             left = asyncio.Event()
             queued = asyncio.ensure_future(model.infer(["this client leaves while queued"], tokenize=True,
-                                                       decode=False, deadline=time.monotonic() + 30,
+                                                       options=None, deadline=time.monotonic() + 30,
                                                        disconnected=left.wait))
             await asyncio.sleep(0.05)
             left.set()
@@ -264,7 +265,7 @@ def test_client_gone_is_dropped_and_timeout_gets_504_then_the_copy_is_replaced(a
             while loader.loads < 8:
                 assert time.monotonic() < deadline, "no replacement copy was loaded"
                 await asyncio.sleep(0.05)
-            after = await model.infer(["served by the replacement"], tokenize=True, decode=True,
+            after = await model.infer(["served by the replacement"], tokenize=True, options=DEFAULTS,
                                       deadline=time.monotonic() + 60)
             return gone.value, timed_out.value, after, model
         finally:

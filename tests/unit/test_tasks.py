@@ -1,4 +1,4 @@
-"""tasks.py: request parsing, tokenizing, padding, decoding, the traced wrappers and the warm-up helpers."""
+"""neuronserve.tasks: request parsing, tokenizing, padding, decoding, the traced wrappers and the warm-up helpers."""
 from __future__ import annotations
 
 import json
@@ -32,18 +32,18 @@ def manifest(task, **kw) -> Manifest:
 
 @pytest.mark.parametrize("task", ["text-classification", "feature-extraction"])
 def test_parse_text_forms(task):
-    assert tasks.parse_inputs(task, "hello") == ["hello"]
-    assert tasks.parse_inputs(task, ["a", "b"]) == ["a", "b"]
+    assert tasks.parse(task, "hello").items == ["hello"]
+    assert tasks.parse(task, ["a", "b"]).items == ["a", "b"]
 
 
 def test_parse_qa_forms():
     pair = {"question": "Who?", "context": "Me."}
-    expected = [tasks.QAItem("Who?", "Me.")]
-    assert tasks.parse_inputs("question-answering", pair) == expected
-    assert tasks.parse_inputs("question-answering", [pair, pair]) == expected * 2
-    assert tasks.parse_inputs("question-answering", [["Who?", "Me."]]) == expected
+    expected = [tasks.Pair("Who?", "Me.")]
+    assert tasks.parse("question-answering", pair).items == expected
+    assert tasks.parse("question-answering", [pair, pair]).items == expected * 2
+    assert tasks.parse("question-answering", [["Who?", "Me."]]).items == expected
     # a KServe v2 BYTES tensor: one JSON object string per element
-    assert tasks.parse_inputs("question-answering", [json.dumps(pair)]) == expected
+    assert tasks.parse("question-answering", [json.dumps(pair)]).items == expected
 
 
 @pytest.mark.parametrize("task, inputs, message", [
@@ -52,7 +52,8 @@ def test_parse_qa_forms():
     ("text-classification", [], "inputs: empty list"),
     ("text-classification", None, "inputs: missing"),
     ("text-classification", ["ok", 3], "inputs[1]: expected a string, got int"),
-    ("feature-extraction", {"text": "x"}, "inputs: expected a string, got dict"),
+    ("feature-extraction", {"text": "x"}, "sentence similarity takes"),
+    ("feature-extraction", {"source_sentence": "x", "sentences": []}, "inputs.sentences: expected a non-empty"),
     ("question-answering", {"question": "q"}, "inputs: missing 'context'"),
     ("question-answering", {}, "inputs: missing 'question' and 'context'"),
     ("question-answering", {"question": "q", "context": "c", "top_k": 2}, "unknown key(s) 'top_k'"),
@@ -62,13 +63,13 @@ def test_parse_qa_forms():
 ])
 def test_parse_rejects_with_readable_message(task, inputs, message):
     with pytest.raises(tasks.BadInput) as e:
-        tasks.parse_inputs(task, inputs)
+        tasks.parse(task, inputs)
     assert message in str(e.value)
 
 
 def test_unknown_task():
     with pytest.raises(tasks.BadInput, match="unknown task 'translation'"):
-        tasks.parse_inputs("translation", "x")
+        tasks.parse("translation", "x")
 
 
 # ---------------------------------------------------------------- encode and pad
@@ -96,18 +97,18 @@ def test_encode_truncates_or_names_the_limit(tokenizer):
 
 
 def test_encode_qa_truncates_only_the_context(tokenizer):
-    item = tasks.QAItem("Where is it?", "It is here. " * 40)
+    item = tasks.Pair("Where is it?", "It is here. " * 40)
     [enc] = tasks.encode("question-answering", tokenizer, [item], 32, truncation=True)
     assert enc.length == 32
     question_tokens = (enc.sequence_ids == 0).sum()
     assert question_tokens == len(tokenizer.tokenize("Where is it?"))
-    assert enc.offsets.shape == (32, 2) and enc.context == item.context
+    assert enc.offsets.shape == (32, 2) and enc.context == item.second
     # token_type_ids mark the context as the second segment
     assert (enc.ids["token_type_ids"][enc.sequence_ids == 1] == 1).all()
     with pytest.raises(tasks.BadInput, match="32"):
         tasks.encode("question-answering", tokenizer, [item], 32, truncation=False)
     with pytest.raises(tasks.BadInput, match="question too long"):
-        tasks.encode("question-answering", tokenizer, [tasks.QAItem("why " * 60, "ok")], 32, truncation=True)
+        tasks.encode("question-answering", tokenizer, [tasks.Pair("why " * 60, "ok")], 32, truncation=True)
 
 
 def test_pad_packs_rows_and_zero_fills(tokenizer):
@@ -130,13 +131,15 @@ def test_pad_packs_rows_and_zero_fills(tokenizer):
 # ---------------------------------------------------------------- decode
 
 def _qa_item(tokenizer, question="Where do I live?", context="My name is Wolfgang and I live in Berlin."):
-    [enc] = tasks.encode("question-answering", tokenizer, [tasks.QAItem(question, context)], 64, truncation=True)
+    [enc] = tasks.encode("question-answering", tokenizer, [tasks.Pair(question, context)], 64, truncation=True)
     return enc
 
 
-def _decode_qa(start, end, enc):
+def _decode_qa(start, end, enc, tokenizer, **parameters):
     """One item's answer, decoded as a batch of one."""
-    [answer] = tasks.decode("question-answering", manifest("question-answering"), [start[None], end[None]], [enc])
+    options = tasks.parse("question-answering", {"question": "q", "context": "c"}, parameters).options
+    [answer] = tasks.decode("question-answering", manifest("question-answering"), [start[None], end[None]], [enc],
+                            [options], tokenizer)
     return answer
 
 
@@ -156,12 +159,12 @@ def test_decode_qa_answers_from_offsets(tokenizer):
     end[_token_of(enc, "Wolfgang")] = 8
     # a higher logit on a question token and on padding must be ignored: answers come from the context
     start[_token_of(enc, "Wolfgang") - 6] = start[60] = end[60] = 50
-    ans = _decode_qa(start, end, enc)
+    ans = _decode_qa(start, end, enc, tokenizer)
     assert ans["answer"] == "Wolfgang" == enc.context[ans["start"]:ans["end"]]
     assert 0.5 < ans["score"] <= 1.0
 
 
-def test_decode_qa_end_not_before_start_and_at_most_30_tokens(tokenizer):
+def test_decode_qa_end_not_before_start_and_at_most_max_answer_len_tokens(tokenizer):
     context = " ".join(f"w{i}" for i in range(60))
     enc = _qa_item(tokenizer, "Which?", context)
     start, end = np.zeros(64), np.zeros(64)
@@ -170,11 +173,11 @@ def test_decode_qa_end_not_before_start_and_at_most_30_tokens(tokenizer):
     start[:ctx[20]] = -30    # no plausible start before token 20 ...
     end[ctx[5]] = 20         # ... so this end, before the best start, pairs with nothing valid
     end[ctx[21]] = 5
-    ans = _decode_qa(start, end, enc)
+    ans = _decode_qa(start, end, enc, tokenizer)
     assert ans["start"] == enc.offsets[ctx[20], 0] and ans["end"] == enc.offsets[ctx[21], 1]
     start[:], end[:] = 0, 0
     start[ctx[0]], end[ctx[45]] = 10, 10    # 46 tokens: too long
-    ans = _decode_qa(start, end, enc)
+    ans = _decode_qa(start, end, enc, tokenizer)
     span_tokens = [t for t in ctx if enc.offsets[t, 0] >= ans["start"] and enc.offsets[t, 1] <= ans["end"]]
     assert 1 <= len(span_tokens) <= tasks.MAX_ANSWER_TOKENS
 
@@ -186,23 +189,24 @@ def test_decode_qa_always_returns_a_span_of_the_context(tokenizer, seed, words):
     enc = _qa_item(tokenizer, "What?", " ".join(words))
     rng = np.random.default_rng(seed)
     start, end = rng.normal(size=64) * 5, rng.normal(size=64) * 5
-    ans = _decode_qa(start, end, enc)
+    ans = _decode_qa(start, end, enc, tokenizer)
     assert 0 <= ans["start"] <= ans["end"] <= len(enc.context)
     assert ans["answer"] == enc.context[ans["start"]:ans["end"]] and ans["answer"]
     assert 0.0 <= ans["score"] <= 1.0
 
 
-def _brute_force_qa(start_logits, end_logits, enc):
-    """The answer by definition: softmax over the context tokens, every span of at most MAX_ANSWER_TOKENS, the
-    first best in (start, end) order."""
+def _brute_force_qa(start_logits, end_logits, enc, tokenizer, max_answer_len=tasks.MAX_ANSWER_TOKENS):
+    """The answer by the transformers pipeline's definition: softmax over the context tokens and CLS, every span of
+    at most max_answer_len context tokens, the first best in (start, end) order."""
     ctx = np.flatnonzero(enc.sequence_ids == 1)
     first, n = int(ctx[0]), len(ctx)
-    s, e = (np.asarray(o[first:first + n], dtype=np.float32).astype(np.float64) for o in (start_logits, end_logits))
+    kept = [0] + list(ctx)      # CLS is token 0
+    s, e = (np.asarray(o, dtype=np.float32).astype(np.float64)[kept] for o in (start_logits, end_logits))
     ps, pe = np.exp(s - s.max()), np.exp(e - e.max())
-    ps, pe = ps / ps.sum(), pe / pe.sum()
+    ps, pe = ps[1:] / ps.sum(), pe[1:] / pe.sum()
     best = None
     for i in range(n):
-        for j in range(i, min(n, i + tasks.MAX_ANSWER_TOKENS)):
+        for j in range(i, min(n, i + max_answer_len)):
             if best is None or ps[i] * pe[j] > best[0]:
                 best = (ps[i] * pe[j], i, j)
     score, i, j = best
@@ -220,7 +224,7 @@ def test_decode_qa_equals_the_brute_force_answer(tokenizer, words, logits):
     padded row, in another order."""
     enc = _qa_item(tokenizer, "Which word?", " ".join(f"w{i}" for i in range(words)))     # long ones are cut
     start, end = np.asarray(logits[:128], dtype=np.float32), np.asarray(logits[128:], dtype=np.float32)
-    got, expected = _decode_qa(start, end, enc), _brute_force_qa(start, end, enc)
+    got, expected = _decode_qa(start, end, enc, tokenizer), _brute_force_qa(start, end, enc, tokenizer)
     assert got == {**expected, "score": pytest.approx(expected["score"], rel=1e-12)}
 
 
@@ -233,18 +237,38 @@ def test_decode_qa_of_a_batch_equals_each_item_decoded_alone(tokenizer, data):
                       " ".join(f"w{i}" for i in range(data.draw(st.integers(1, 70))))) for _ in range(n)]
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     start, end = (rng.normal(size=(n + 2, 64)).astype(np.float32) * 4 for _ in range(2))
-    batch = tasks.decode("question-answering", manifest("question-answering"), [start, end], items)
-    assert batch == [_decode_qa(start[r], end[r], item) for r, item in enumerate(items)]
+    batch = tasks.decode("question-answering", manifest("question-answering"), [start, end], items,
+                         tokenizer=tokenizer)
+    assert batch == [_decode_qa(start[r], end[r], item, tokenizer) for r, item in enumerate(items)]
 
 
 def test_decode_qa_answers_empty_for_a_context_the_normalizer_empties(tokenizer):
-    items = tasks.encode("question-answering", tokenizer, [tasks.QAItem("What?", "\x00\x01"),
-                                                           tasks.QAItem("What?", "only this")], 16, True)
+    items = tasks.encode("question-answering", tokenizer, [tasks.Pair("What?", "\x00\x01"),
+                                                           tasks.Pair("What?", "only this")], 16, True)
     assert 1 not in items[0].encoding.sequence_ids
     logits = np.zeros((2, 16), dtype=np.float32)
-    empty, other = tasks.decode("question-answering", manifest("question-answering"), [logits, logits], items)
+    empty, other = tasks.decode("question-answering", manifest("question-answering"), [logits, logits], items,
+                                tokenizer=tokenizer)
     assert empty == {"answer": "", "score": 0.0, "start": 0, "end": 0}
-    assert other == {"answer": "only", "score": pytest.approx(0.25), "start": 0, "end": 4}
+    # equal logits: CLS and the two context tokens share the probability, each span 1/3 x 1/3, the first wins
+    assert other == {"answer": "only", "score": pytest.approx(1 / 9), "start": 0, "end": 4}
+
+
+def test_decode_qa_parameters(tokenizer):
+    """top_k answers best first, max_answer_len bounds the span, handle_impossible_answer lets CLS win."""
+    enc = _qa_item(tokenizer, "Which?", " ".join(f"w{i}" for i in range(30)))
+    rng = np.random.default_rng(7)
+    start, end = rng.normal(size=64).astype(np.float32), rng.normal(size=64).astype(np.float32)
+    three = _decode_qa(start, end, enc, tokenizer, top_k=3)
+    assert len(three) == 3 and three[0] == _decode_qa(start, end, enc, tokenizer)
+    assert [a["score"] for a in three] == sorted((a["score"] for a in three), reverse=True)
+    short = _decode_qa(start, end, enc, tokenizer, max_answer_len=4)
+    assert short == {**_brute_force_qa(start, end, enc, tokenizer, 4), "score": pytest.approx(short["score"])}
+    start[0] = end[0] = 20.0     # CLS: the model says there is no answer
+    assert _decode_qa(start, end, enc, tokenizer)["answer"]
+    nothing = _decode_qa(start, end, enc, tokenizer, handle_impossible_answer=True)
+    assert nothing == {"answer": "", "score": pytest.approx(nothing["score"]), "start": 0, "end": 0}
+    assert nothing["score"] > 0.9
 
 
 def test_decode_classification_softmax_sorted():
@@ -306,8 +330,8 @@ def test_embedding_cls_pooling_without_normalize(tokenizer, minilm):
 
 
 def test_embedding_module_rejects_bad_options(minilm):
-    with pytest.raises(ValueError, match="pooling 'max'"):
-        tasks.build_module("feature-extraction", minilm, NAMES, pooling="max")
+    with pytest.raises(ValueError, match="pooling 'weightedmean'"):
+        tasks.build_module("feature-extraction", minilm, NAMES, pooling="weightedmean")
     with pytest.raises(ValueError, match="attention_mask"):
         tasks.build_module("feature-extraction", minilm, ["input_ids"], pooling="mean")
 
@@ -318,7 +342,7 @@ def test_task_modules_return_the_declared_outputs(task, tiny_model_dir, tokenize
 
     model = getattr(transformers, tasks.TASKS[task].auto_class).from_pretrained(tiny_model_dir(task)).eval()
     module = tasks.build_module(task, model, NAMES)
-    items = tasks.parse_inputs(task, list(tasks.TASKS[task].warmup))
+    items = [tasks.item_from_json(it) for it in tasks.warmup_items(task, tokenizer)]
     arrays = [torch.from_numpy(a) for a in tasks.pad(tasks.encode(task, tokenizer, items, 32, True), 4, 32, NAMES)]
     with torch.no_grad():
         out = module(*arrays)
@@ -326,7 +350,7 @@ def test_task_modules_return_the_declared_outputs(task, tiny_model_dir, tokenize
     assert isinstance(out, tuple) and len(out) == len(tasks.TASKS[task].output_names)
     for name, tensor in zip(tasks.TASKS[task].output_names, out):
         assert tensor.dtype == torch.float32
-        assert torch.equal(tensor, getattr(ref, name if name != "logits" else "logits"))
+        assert torch.equal(tensor, getattr(ref, name))
 
 
 # ---------------------------------------------------------------- warm-up helpers
@@ -343,7 +367,7 @@ def test_warmup_batches_use_smallest_bucket_or_chunks(tokenizer):
 
 def test_warmup_mismatch_compares_real_rows_and_tokens(tokenizer):
     task = "question-answering"
-    texts = list(tasks.TASKS[task].warmup)
+    texts = tasks.warmup_items(task, tokenizer)
     m = manifest(task)
     batches = tasks.warmup_batches(task, tokenizer, m, texts)
     rng = np.random.default_rng(0)
