@@ -8,17 +8,22 @@ punctuation character, and words repeat: a space-separated chunk's pieces are lo
 request costs one `str.split` and a few C-level passes over its chunks, and character offsets are worked out only
 for the tokens asked for (question answering asks for two per item).
 
-`WordPiece.load` returns None for a configuration this does not reproduce exactly: it takes BertPreTokenizer,
-a WordPiece model and a BERT-style post-processor (TemplateProcessing of single-id special tokens, or
-BertProcessing). The caller hands it text as BertNormalizer would leave it, with no added token in it
-(`tasks._Backend.plain` decides which text qualifies; everything else goes through the Rust tokenizer).
+`WordPiece.load` returns None for a configuration this does not reproduce exactly: it takes BertNormalizer,
+BertPreTokenizer, a WordPiece model and a BERT-style post-processor (TemplateProcessing of special tokens, or
+BertProcessing), and refuses any key it does not know, in case it changes what the Rust tokenizer does. The
+caller hands it text as BertNormalizer would leave it, with no added token in it (its `prepare` decides which
+text qualifies; everything else goes through the Rust tokenizer). Given that Rust tokenizer, `load` also encodes
+a built-in corpus through both and returns None, with a warning, unless every encoding is the same.
 """
 from __future__ import annotations
 
+import logging
 import re
+import string
 from bisect import bisect_right
 from itertools import accumulate, chain
 from operator import itemgetter
+from typing import Callable
 
 # BertPreTokenizer on ASCII: runs of letters and digits, and every other non-space character on its own (Rust's
 # is_ascii_punctuation covers all of them)
@@ -26,6 +31,40 @@ _WORD = re.compile(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]")
 _IDS = itemgetter(0)
 CACHE_ENTRIES = 50_000      # chunks whose pieces are kept; the cache starts afresh when full
 CACHE_CHUNK_CHARS = 64      # longer chunks (rare, and rarely repeated) are split every time
+
+log = logging.getLogger("neuronserve.server")
+
+# The differential check's texts, besides those `_corpus` builds for the configured lengths: every ASCII
+# punctuation character alone, in runs and against letters and digits; numbers; mixed case; whitespace the
+# normalizer turns into spaces; multi-piece and rare words; the continuing-subword prefix typed as text; and
+# text the caller's `prepare` must keep from the Python path (added tokens as given and lowercased, non-ASCII,
+# control characters), where a `prepare` that let it through would show up as a difference.
+CORPUS_TEXTS = (
+    string.punctuation,
+    " ".join(string.punctuation),
+    "Hello, World! It's 9:30 a.m. -- isn't it?",
+    'He said "yes"; she said (quietly) [no] {maybe} <ok>... right?!',
+    "mail me@example.com or see https://example.org/a_b?q=1&r=2#top ~ 100% ^_^ `code` a|b \\ x*y+z=w $5.00",
+    "0123456789 3.14159 1,000,000 2024-01-31 007 42nd 1st 3rd 10x 0x1F 1e-9 -273.15",
+    "iPhone McDonald HTTP HTTPServer camelCase snake_case UPPER lower MiXeD ALLCAPS",
+    "xyzzy qzxj blorptastic hyperparameterization antidisestablishmentarianism tokenizers",
+    "don't won't y'all rock'n'roll ##ing ## #hashtag @mention",
+    "a b c x y z I A",
+    "  leading and trailing spaces  ",
+    "tabs\tand\nnewlines\r\nand  double  spaces\t",
+    "[SEP]", "question [SEP] answer", "[CLS] [MASK] [PAD] [UNK]", "[sep] [mask]", "[SEP", "SEP]", "[ SEP ]",
+    "caf\u00e9 na\u00efve", "a\x00b", "del\x7f", "\u4e2d\u6587", "non\u00a0breaking", "emoji \U0001f600",
+)
+CORPUS_PAIRS = (
+    ("What does the little engine say?",
+     "In the children's story, the little engine says: 'I think I can!' (again and again)."),
+    ("Who knows?", "Nobody [SEP] knows."),
+    ("WHERE is it?", "It is in the\tbox,\nnot\r\nthe bag."),
+)
+# a paragraph of multi-piece words and punctuation, repeated until it truncates; in BERT's vocabulary no five
+# tokens in a row of it lack a word's continuing piece, so that one of five shifts cuts inside a word
+_LONG = ("Unbelievably, the hyperparameterized locomotive's tokenization (v2.0) outperformed embeddings; "
+         "irreproducibility remained questionable!")
 
 
 class Encoding:
@@ -108,22 +147,55 @@ class WordPiece:
         self._cache: dict[str, tuple] = {}
 
     @classmethod
-    def load(cls, config: dict, max_length: int | None, direction: str = "right") -> "WordPiece | None":
+    def load(cls, config: dict, max_length: int | None, direction: str = "right", reference=None,
+             prepare: Callable[[str], str | None] | None = None) -> "WordPiece | None":
         """From a tokenizer.json's parsed `config`, truncating to `max_length` tokens (special ones included:
         a single text cut at its end, or a pair's second text, as Rust's longest_first / only_second do;
-        `direction` "left" cuts at the start instead); None when the configuration is not one it reproduces."""
-        model = config.get("model") or {}
-        if (config.get("pre_tokenizer") or {}).get("type") != "BertPreTokenizer" or model.get("type") != "WordPiece":
+        `direction` "left" cuts at the start instead); None when the configuration is not one it reproduces.
+
+        `reference`: the Rust tokenizers.Tokenizer of that `config`, truncating as the caller has it (longest_first
+        for single texts, only_second for pairs) and without padding. When given, the corpus goes through it as
+        is and through the WordPiece as `prepare` (the caller's own step before `encode`; None: none) leaves
+        it, skipping what `prepare` refuses (None) as the caller does; any difference in ids, type ids,
+        sequence ids or character offsets, or in which item is refused, makes this None."""
+        if not _known(config) or direction not in ("left", "right"):
             return None
-        vocab = model.get("vocab") or {}
-        unk = vocab.get(model.get("unk_token"))
-        template = _template(config.get("post_processor") or {})
-        if unk is None or template is None or direction not in ("left", "right"):
+        model = config["model"]
+        unk = model["vocab"].get(model["unk_token"])
+        template = _template(config["post_processor"])
+        if unk is None or template is None:
             return None
         if max_length is not None and max_length <= max(_specials(t) for t in template.values()):
             return None     # nothing left for the text: the Rust tokenizer's business
-        return cls(vocab, unk, model.get("continuing_subword_prefix", "##"),
-                   model.get("max_input_chars_per_word", 100), template, max_length, direction)
+        out = cls(model["vocab"], unk, model["continuing_subword_prefix"], model["max_input_chars_per_word"],
+                  template, max_length, direction)
+        if reference is not None:
+            why = out._differs(reference, prepare or (lambda text: text))
+            if why is not None:
+                log.warning("the Python WordPiece tokenizer is not used, the Rust one is: %s", why)
+                return None
+        return out
+
+    def _differs(self, reference, prepare: Callable[[str], str | None]) -> str | None:
+        """How this differs from `reference` on the corpus, or None where it does not."""
+        truncation = reference.truncation or {}
+        # sized for the reference's length, so that one this does not truncate to shows up too
+        singles, pairs = _corpus(self, truncation.get("max_length", self.max_length))
+        strategy = truncation.get("strategy")
+        # the caller sends a reference that cuts only_second pairs alone (it refuses to cut a single text so),
+        # and one that cuts longest_first single texts alone (this cuts a pair's second text only)
+        items = (singles if strategy != "only_second" else []) + (pairs if strategy != "longest_first" else [])
+        compared = 0
+        for x in items:
+            pair = isinstance(x, tuple)
+            texts = x if pair else (x,)
+            prepared = tuple(map(prepare, texts))
+            if None in prepared:
+                continue        # the caller sends it to Rust
+            if _outcome(self.encode, prepared if pair else prepared[0]) != _outcome(reference.encode, *texts):
+                return f"they differ on {x!r:.200}"
+            compared += 1
+        return None if compared else "no text of the check's corpus reaches it"
 
     def encode(self, x) -> Encoding:
         """The Encoding of `x`, a normalized text or a (question, context) pair of them. ValueError when a pair's
@@ -206,29 +278,26 @@ class WordPiece:
 
 def _template(processor: dict) -> dict | None:
     """A post-processor -> {False: single template, True: pair template}, each [(ids tuple | sequence, type id)];
-    None for a kind this does not reproduce."""
-    kind = processor.get("type")
-    if kind == "BertProcessing":
-        (_, sep), (_, cls) = processor["sep"], processor["cls"]
+    None for a kind, key or value this does not reproduce."""
+    if _fits(processor, type=_equal("BertProcessing"), sep=_named_id, cls=_named_id):
+        sep, cls = processor["sep"][1], processor["cls"][1]
         return {False: [((cls,), 0), (0, 0), ((sep,), 0)],
                 True: [((cls,), 0), (0, 0), ((sep,), 0), (1, 1), ((sep,), 1)]}
-    if kind != "TemplateProcessing":
+    if not _fits(processor, type=_equal("TemplateProcessing"), single=_list, pair=_list,
+                 special_tokens=_special_tokens):
         return None
-    specials = processor.get("special_tokens") or {}
+    specials = processor["special_tokens"]
     out = {}
     for pair, key in ((False, "single"), (True, "pair")):
         parts = []
-        for piece in processor.get(key) or []:
-            if "Sequence" in piece:
-                sequence = {"A": 0, "B": 1}.get(piece["Sequence"].get("id"))
-                if sequence is None or (sequence == 1 and not pair):
-                    return None
-                parts.append((sequence, piece["Sequence"].get("type_id", 0)))
-            elif "SpecialToken" in piece:
-                token = specials.get(piece["SpecialToken"].get("id")) or {}
-                if not token.get("ids"):
-                    return None
-                parts.append((tuple(token["ids"]), piece["SpecialToken"].get("type_id", 0)))
+        for piece in processor[key]:
+            if _fits(piece, Sequence=lambda v: _fits(v, id=_equal("A", "B"), type_id=_count)):
+                spec = piece["Sequence"]
+                parts.append(("AB".index(spec["id"]), spec["type_id"]))
+            elif _fits(piece, SpecialToken=lambda v: _fits(v, id=lambda i: _string(i) and i in specials,
+                                                               type_id=_count)):
+                spec = piece["SpecialToken"]
+                parts.append((tuple(specials[spec["id"]]["ids"]), spec["type_id"]))
             else:
                 return None
         if sorted(p for p, _ in parts if isinstance(p, int)) != ([0, 1] if pair else [0]):
@@ -239,3 +308,106 @@ def _template(processor: dict) -> dict | None:
 
 def _specials(template: list) -> int:
     return sum(len(part) for part, _ in template if not isinstance(part, int))
+
+
+def _known(config: dict) -> bool:
+    """Whether `config` holds only sections and keys this knows, each with a value it reproduces (the
+    post-processor's are `_template`'s business)."""
+    return _fits(
+        config,
+        version=_equal("1.0"),
+        truncation=_anything,       # `load`'s max_length and direction stand for it
+        padding=_anything,          # encodings come unpadded
+        decoder=_anything,          # only decoding reads it
+        # the caller keeps text holding any added token from the Python path, whatever the token's options
+        added_tokens=lambda v: v is None or (isinstance(v, list) and all(_fits(
+            t, id=_count, content=_string, single_word=_flag, lstrip=_flag, rstrip=_flag, normalized=_flag,
+            special=_flag) for t in v)),
+        # the caller's `prepare` lowercases and cleans; ASCII text has no accents or Chinese characters to treat
+        normalizer=lambda v: _fits(v, type=_equal("BertNormalizer"), clean_text=_flag, lowercase=_flag,
+                                   strip_accents=lambda a: a is None or _flag(a), handle_chinese_chars=_flag),
+        pre_tokenizer=lambda v: _fits(v, type=_equal("BertPreTokenizer")),
+        model=lambda v: _fits(v, type=_equal("WordPiece"), unk_token=_string, continuing_subword_prefix=_string,
+                              max_input_chars_per_word=_count, vocab=lambda d: isinstance(d, dict)),
+        post_processor=_anything)
+
+
+def _fits(section, **checks: Callable) -> bool:
+    """Whether `section` is a dict with no key outside `checks`, each check true of its key's value (of None
+    where the key is missing)."""
+    return (isinstance(section, dict) and section.keys() <= checks.keys()
+            and all(check(section.get(key)) for key, check in checks.items()))
+
+
+def _equal(*values: str) -> Callable:
+    return lambda v: isinstance(v, str) and v in values
+
+
+def _anything(value) -> bool:
+    return True
+
+
+def _flag(value) -> bool:
+    return isinstance(value, bool)
+
+
+def _count(value) -> bool:
+    return type(value) is int and value >= 0       # bool is an int too, but not a count
+
+
+def _string(value) -> bool:
+    return isinstance(value, str)
+
+
+def _list(value) -> bool:
+    return isinstance(value, list)
+
+
+def _named_id(value) -> bool:
+    """BertProcessing's [token, id]."""
+    return isinstance(value, list) and len(value) == 2 and _string(value[0]) and _count(value[1])
+
+
+def _special_tokens(value) -> bool:
+    """TemplateProcessing's special tokens: name -> {id, ids, tokens}."""
+    return isinstance(value, dict) and all(
+        _fits(t, id=_string, ids=lambda ids: _list(ids) and ids != [] and all(map(_count, ids)),
+              tokens=lambda tokens: _list(tokens) and all(map(_string, tokens)))
+        for t in value.values())
+
+
+def _corpus(wordpiece: WordPiece, n: int | None) -> tuple[list, list]:
+    """(single texts, (question, context) pairs) to check `wordpiece` on: the fixed corpus, words at and just
+    over its word limit, and text around and far over truncation length `n` (None: the long paragraph twice)."""
+    # a word at the limit, and one over it; past BERT's 100 characters, splitting such a word costs more than
+    # the rest of the check together, so a higher limit is tested as if 100
+    limit = "y" * min(wordpiece.max_chars, 100)
+    singles = [*CORPUS_TEXTS, f"{limit} Z{limit}!"]
+    # each text as a question (never cut) and as a context (cut where long), so that a short truncation length
+    # still lets all of it through one side or the other
+    pairs = [*CORPUS_PAIRS, *chain.from_iterable(((text, "Why?"), ("Why?", text)) for text in singles)]
+    copies = 2 if n is None else n // len(_WORD.findall(_LONG)) + 2     # a word is a token at least
+    long = " ".join([_LONG] * copies)
+    # shifted a token at a time at either end, so that a cut falls inside a word's pieces and between a word
+    # and its punctuation whichever the direction
+    shifted = ["a " * k + long + " a" * k for k in range(5)]
+    singles += shifted
+    pairs += [("What was questionable?", text) for text in shifted]
+    if n is not None:
+        # one-character words are one token each (the character, or the unknown token): texts just within and
+        # over the length, and questions that leave a three-token context all of it, part of it, none of it
+        room = n - _specials(wordpiece.template[False])
+        singles += [" ".join("a" * (room + k)) for k in (0, 1)]
+        room = n - _specials(wordpiece.template[True])
+        pairs += [(" ".join("q" * max(room + k, 1)), "b c d") for k in range(-3, 1)]
+    return singles, pairs
+
+
+def _outcome(encode: Callable, *args) -> tuple | None:
+    """What the caller reads of `encode(*args)`; None where it refuses (the caller answers any refusal alike).
+    token_to_chars is left out: in both tokenizers it is the offsets, None where the sequence id is None."""
+    try:
+        e = encode(*args)
+    except Exception:
+        return None
+    return e.ids, e.type_ids, e.sequence_ids, e.offsets
