@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from neuronserve import tasks
+from neuronserve.tasks import encoding
 
 QA, CLS = "question-answering", "text-classification"
 
@@ -85,7 +86,7 @@ def _reference(tokenizer, items: list, max_seq: int, truncation: bool, pair: boo
               return_offsets_mapping=True, return_token_type_ids=True, add_special_tokens=True)
     try:
         if pair:
-            enc = tokenizer([it.question for it in items], [it.context for it in items], **kw)
+            enc = tokenizer([it.first for it in items], [it.second for it in items], **kw)
         else:
             enc = tokenizer(list(items), **kw)
     except Exception:       # only_second with the question alone over max_length
@@ -120,7 +121,7 @@ def _check(tokenizer, task: str, items: list, max_seq: int, truncation: bool) ->
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pairs=st.lists(st.tuples(texts, texts), min_size=1, max_size=4), max_seq=max_seqs, truncation=st.booleans())
 def test_qa_encoding_equals_the_tokenizers(tokenizers_under_test, name, pairs, max_seq, truncation):
-    _check(tokenizers_under_test[name], QA, [tasks.QAItem(q, c) for q, c in pairs], max_seq, truncation)
+    _check(tokenizers_under_test[name], QA, [tasks.Pair(q, c) for q, c in pairs], max_seq, truncation)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -135,8 +136,8 @@ def test_the_bench_payload_and_a_long_context_with_truncation(tokenizers_under_t
     context = ("In the childrens story about the little engine a small locomotive is pulling a large load up a "
                "mountain. In the story the little engine says: 'I think I can' as it is pulling the heavy load.")
     for tokenizer in tokenizers_under_test.values():
-        _check(tokenizer, QA, [tasks.QAItem(question, context)], 128, True)
-        _check(tokenizer, QA, [tasks.QAItem(question, context * 20)] * 2, 128, True)     # cut to 128
+        _check(tokenizer, QA, [tasks.Pair(question, context)], 128, True)
+        _check(tokenizer, QA, [tasks.Pair(question, context * 20)] * 2, 128, True)     # cut to 128
 
 
 @pytest.mark.parametrize("text, plain", [
@@ -147,14 +148,14 @@ def test_the_bench_payload_and_a_long_context_with_truncation(tokenizers_under_t
     ("before [sep] after", None),       # ... in its normalized form
 ])
 def test_which_text_takes_the_plain_path(tokenizers_under_test, text, plain):
-    backend = tasks._backend(tokenizers_under_test["minilm"], 128, False)
+    backend = encoding._backend(tokenizers_under_test["minilm"], 128, False, None)
     assert backend.plain(text) == plain
 
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_which_configurations_take_the_python_path(tokenizers_under_test, name):
     for max_length, pair in ((None, False), (16, True)):
-        backend = tasks._backend(tokenizers_under_test[name], max_length, pair)
+        backend = encoding._backend(tokenizers_under_test[name], max_length, pair, None)
         assert (backend.python is not None) == (name in PYTHON_PATH)
 
 
@@ -164,12 +165,12 @@ def test_the_chunk_cache_starting_afresh_changes_nothing(tokenizers_under_test, 
     monkeypatch.setattr(wordpiece, "CACHE_ENTRIES", 3)
     monkeypatch.setattr(wordpiece, "CACHE_CHUNK_CHARS", 5)
     tokenizer = tokenizers_under_test["minilm"]
-    tasks._BACKENDS.pop(tokenizer, None)     # a backend whose cache the patched limits govern
+    encoding._BACKENDS.pop(tokenizer, None)     # a backend whose cache the patched limits govern
     try:
         text = "the little engine says: 'I think I can' as it pulls the heavy load, up and up and up"
         for _ in range(2):
-            _check(tokenizer, QA, [tasks.QAItem("what does it say?", text)] * 3, 24, True)
-        assert len(tasks._backend(tokenizer, 24, True).python._cache) <= 3
+            _check(tokenizer, QA, [tasks.Pair("what does it say?", text)] * 3, 24, True)
+        assert len(encoding._backend(tokenizer, 24, True, None).python._cache) <= 3
     finally:
-        tasks._BACKENDS.pop(tokenizer, None)
-    assert tasks._backend(tokenizers_under_test["cased-unclean"], 128, True).plain("Tab\tKept") == "Tab\tKept"
+        encoding._BACKENDS.pop(tokenizer, None)
+    assert encoding._backend(tokenizers_under_test["cased-unclean"], 128, True, None).plain("Tab\tKept") == "Tab\tKept"
