@@ -98,13 +98,18 @@ def string(value, where):
     return value
 
 
-def strings(value, where):
-    """A list of strings, or one string of comma-separated ones (as the Hugging Face pipelines take labels)."""
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
-        raise BadParameter(f"{where}: expected a non-empty list of non-empty strings, got {value!r}")
-    return value
+def strings(*, empty: bool = False) -> Check:
+    """A list of strings (may it be empty?), or one string of comma-separated ones (as the Hugging Face pipelines
+    take labels)."""
+    def check(value, where):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not (value or empty) or \
+                not all(isinstance(v, str) and v.strip() for v in value):
+            raise BadParameter(f"{where}: expected a {'' if empty else 'non-empty '}list of non-empty strings, "
+                               f"got {value!r}")
+        return value
+    return check
 
 
 # every task: cut text longer than the largest sequence bucket (None: the model's configured default)

@@ -27,7 +27,7 @@ class TokenClassification(Task):
     output_names = ("logits",)
     per_token = True
     offsets = True
-    parameters = {"aggregation_strategy": choice(*STRATEGIES), "ignore_labels": strings, **TRUNCATION}
+    parameters = {"aggregation_strategy": choice(*STRATEGIES), "ignore_labels": strings(empty=True), **TRUNCATION}
     warmup = ("My name is Wolfgang and I live in Berlin.", "Hugging Face is a company based in New York City.")
 
     def parse(self, inputs, parameters, manifest) -> Request:
@@ -45,7 +45,7 @@ class TokenClassification(Task):
             tokens = _tokens(item, scores, tokenizer, word_aware=_word_aware(tokenizer))
             strategy = o["aggregation_strategy"] or DEFAULT_STRATEGY
             entities = _aggregate(tokens, names, strategy, tokenizer)
-            ignore = set(o["ignore_labels"] or ["O"])
+            ignore = set(["O"] if o["ignore_labels"] is None else o["ignore_labels"])
             answers.append([e for e in entities if e.get("entity", e.get("entity_group")) not in ignore])
         return answers
 

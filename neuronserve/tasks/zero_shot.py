@@ -22,7 +22,7 @@ class ZeroShotClassification(Task):
     name = "zero-shot-classification"
     auto_class = TextClassification.auto_class
     output_names = TextClassification.output_names
-    parameters = {"candidate_labels": strings, "multi_label": boolean, "hypothesis_template": string, **TRUNCATION}
+    parameters = {"candidate_labels": strings(), "multi_label": boolean, "hypothesis_template": string, **TRUNCATION}
     warmup = (["A new moon was seen over the hills.", "This example is astronomy."],
               ["A new moon was seen over the hills.", "This example is cooking."])
 

@@ -5,7 +5,7 @@ Fixtures:
   neuronserve.compile.compile_model: "emb" (feature-extraction) and "cls" (text-classification).
 - `stack`: session-wide, started and ready: model "emb" in two groups, one per CPU core (the machine has
   two), one model copy each, behind nginx. Tests must leave it running and healthy.
-- `stack_factory(models, nginx=..., server=..., start=True)`: a variant (auth token, rate limit, two models,
+- `stack_factory(models, nginx=..., server=..., start=True, repo=...)`: a variant (auth token, rate limit, two models,
   ...) started and ready; stopped at the end of the test that asked for it. `stack_builder` is the same
   without the clean-up, for module-scoped stacks that stop themselves.
 
@@ -58,7 +58,7 @@ def two_cpus() -> set[int]:
 
 
 def model_table(name: str, **keys) -> str:
-    body = {"task": MODELS[name], "source": f"/unused/{name}", "copies": 1, "max_batch_delay_ms": 2.0, **keys}
+    body = {"task": MODELS.get(name), "source": f"/unused/{name}", "copies": 1, "max_batch_delay_ms": 2.0, **keys}
     return f"[models.{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in body.items())
 
 
@@ -107,9 +107,9 @@ def stack_builder(tmp_path_factory, model_repo):
     """build(models, nginx=, server=, cpu=, start=True) -> Stack in a fresh directory; the caller stops it."""
 
     def build(models: dict[str, dict] | None = None, *, nginx: dict | None = None, server: dict | None = None,
-              cpu: dict | None = None, start: bool = True) -> Stack:
-        s = build_stack(tmp_path_factory.mktemp("stack"), model_repo, models or {"emb": {"groups": 2}}, nginx,
-                        server, cpu)
+              cpu: dict | None = None, start: bool = True, repo: Path | None = None) -> Stack:
+        s = build_stack(tmp_path_factory.mktemp("stack"), repo or model_repo, models or {"emb": {"groups": 2}},
+                        nginx, server, cpu)
         return started(s) if start else s
 
     return build
