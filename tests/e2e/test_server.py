@@ -22,6 +22,7 @@ import torch
 
 from neuronserve import tasks
 from neuronserve.artifact import read_manifest, write_manifest
+from references import qa_answer
 from server_kit import Gunicorn, compiled, settings_for, shared_server
 
 pytestmark = pytest.mark.e2e
@@ -136,7 +137,7 @@ def test_question_answering_equals_the_eager_model(servers, sources):
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(sources[QA]))
     model = transformers.AutoModelForQuestionAnswering.from_pretrained(str(sources[QA])).eval()
-    items = tasks.encode(QA, tokenizer, tasks.parse_inputs(QA, PAIRS), 128, truncation=True)
+    items = tasks.encode(QA, tokenizer, tasks.parse(QA, PAIRS).items, 128, truncation=True)
     v2 = post(servers[QA], f"/v2/models/{QA}/infer", json={"inputs": [
         {"name": "question", "datatype": "BYTES", "shape": [3], "data": [p["question"] for p in PAIRS]},
         {"name": "context", "datatype": "BYTES", "shape": [3], "data": [p["context"] for p in PAIRS]}]}).json()
@@ -151,7 +152,7 @@ def test_question_answering_equals_the_eager_model(servers, sources):
         end = np.asarray(outputs["end_logits"]["data"]).reshape(-1, width)[row, :item.length]
         np.testing.assert_allclose(start, eager.start_logits[0].numpy(), atol=1e-4)
         np.testing.assert_allclose(end, eager.end_logits[0].numpy(), atol=1e-4)
-        [expected] = tasks.decode(QA, None, [eager.start_logits.numpy(), eager.end_logits.numpy()], [item])
+        expected = qa_answer(model, tokenizer, pair["question"], pair["context"])
         assert hf[row]["answer"] == expected["answer"] and hf[row]["start"] == expected["start"]
         assert hf[row]["score"] == pytest.approx(expected["score"], abs=1e-4)
         assert json.loads(outputs["answer"]["data"][row]) == hf[row]

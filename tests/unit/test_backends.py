@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import BertForQuestionAnswering
 
 from neuronserve import compile as compiler, tasks
 from neuronserve.artifact import read_manifest
 from neuronserve.backends import get, neuron as neuron_backend
 from neuronserve.errors import ArtifactError, DeviceError
+from neuronserve.tasks.modules import TaskModule
 
 NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 
@@ -119,7 +121,7 @@ def test_inf2_compile_calls_torch_neuronx_trace_per_bucket(fakes, no_neuron_devi
     calls = fakes.module("torch_neuronx").CALLS
     assert [c["example"] for c in calls] == [[((b, s), torch.int64)] * 3 for b in (1, 2) for s in (16, 32)]
     for c, bucket in zip(calls, manifest.buckets):
-        assert isinstance(c["module"], tasks.QuestionAnswering)
+        assert isinstance(c["module"], TaskModule) and isinstance(c["module"].model, BertForQuestionAnswering)
         assert c["module"].model.config._attn_implementation == "eager"
         assert c["compiler_args"] == INF2_ARGS + ["--target", "inf2"]
         # a per-bucket work directory beside the output, removed after a successful compile
@@ -191,7 +193,7 @@ def test_inf1_compile_calls_torch_neuron_trace(fakes, tiny_model_dir, tmp_path):
     manifest = compile_for(tiny_model_dir, tmp_path, "feature-extraction", backend="neuron", target="inf1",
                            compiler_args=["--neuroncore-pipeline-cores", "1"], batch_sizes=[1], sequence_lengths=[32])
     [call] = fakes.module("torch_neuron").CALLS
-    assert isinstance(call["module"], tasks.FeatureExtraction)
+    assert isinstance(call["module"], TaskModule) and call["module"].head.pooling == "mean"
     assert call["example"] == [((1, 32), torch.int64)] * 3
     assert call["compiler_args"] == ["--neuroncore-pipeline-cores", "1"]     # neuron-cc takes no --target
     assert set(call) == {"module", "example", "compiler_args", "compiler_workdir"}
@@ -292,8 +294,7 @@ def test_cuda_compile_moves_module_and_inputs_to_the_gpu(tiny_model_dir, tmp_pat
     assert get("cuda").unavailable() is None
     manifest = compile_for(tiny_model_dir, tmp_path, "text-classification", backend="cuda", target="cuda",
                            dtype="float16" if half else "float32", batch_sizes=[1, 2], sequence_lengths=[16])
-    per_bucket = [("module.to", "cuda:0", "TextClassification")] + ([("module.half", "TextClassification")]
-                                                                     if half else [])
+    per_bucket = [("module.to", "cuda:0", "TaskModule")] + ([("module.half", "TaskModule")] if half else [])
     expected = []
     for batch in (1, 2):
         expected += per_bucket + [("tensor.to", "cuda:0", (batch, 16), torch.int64)] * 3

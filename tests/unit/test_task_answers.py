@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 
 from neuronserve import random_models, tasks
 from neuronserve.server.app import create_app
+from references import qa_answer
 from server_kit import compiled, settings_for
 
 FAMILIES = ("bert", "roberta", "xlm-roberta")      # WordPiece, byte-level BPE, Unigram
@@ -208,33 +209,13 @@ def test_zero_shot_bad_parameters(served, parameters, message):
 
 # ---------------------------------------------------------------- question-answering
 
-def _reference_qa(model, tokenizer, question, context, max_answer_len=15):
-    """The pipeline's answer, decoded here from the eager logits: softmax over the context tokens and CLS, the
-    best span of at most max_answer_len tokens, cut from the context by the tokenizer's offsets."""
-    enc = tokenizer(question, context, return_offsets_mapping=True, return_tensors="pt")
-    offsets = enc.pop("offset_mapping")[0].tolist()
-    with torch.no_grad():
-        out = model(**enc)
-    seq = enc.sequence_ids(0)
-    keep = [i for i, s in enumerate(seq) if s == 1 or enc["input_ids"][0, i] == tokenizer.cls_token_id]
-    context_tokens = [i for i in keep if seq[i] == 1]
-    ps = torch.softmax(out.start_logits[0, keep].double(), 0)
-    pe = torch.softmax(out.end_logits[0, keep].double(), 0)
-    prob = dict(zip(keep, zip(ps.tolist(), pe.tolist())))
-    best = max(((prob[i][0] * prob[j][1], -i, -j) for i in context_tokens for j in context_tokens
-                if 0 <= j - i < max_answer_len))
-    score, i, j = best[0], -best[1], -best[2]
-    start, end = offsets[i][0], offsets[j][1]
-    return {"answer": context[start:end], "score": score, "start": start, "end": end}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_question_answering_equals_the_reference_decode(served, family):
     client, name, model, tokenizer = served(family, "question-answering")
     q, c = "Where does Wolfgang live?", "My name is Wolfgang and I live in Berlin, a city in Germany."
-    same(post(client, name, {"inputs": {"question": q, "context": c}}), _reference_qa(model, tokenizer, q, c))
+    same(post(client, name, {"inputs": {"question": q, "context": c}}), qa_answer(model, tokenizer, q, c))
     same(post(client, name, {"inputs": {"question": q, "context": c}, "parameters": {"max_answer_len": 2}}),
-         _reference_qa(model, tokenizer, q, c, 2))
+         qa_answer(model, tokenizer, q, c, 2))
     top = post(client, name, {"inputs": {"question": q, "context": c}, "parameters": {"top_k": 3}})
     assert len(top) == 3 and top[0]["score"] >= top[1]["score"] >= top[2]["score"]
 

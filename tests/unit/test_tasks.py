@@ -391,3 +391,18 @@ def test_warmup_mismatch_compares_real_rows_and_tokens(tokenizer):
 def test_warmup_atol():
     assert tasks.warmup_atol("cpu", "float32") == tasks.warmup_atol("cuda", "float32") == 1e-3
     assert tasks.warmup_atol("neuron", "bfloat16") == tasks.warmup_atol("cuda", "float16") == 5e-2
+
+
+def test_the_config_takes_every_task_of_the_registry():
+    from neuronserve import config
+
+    assert list(config.Task.__args__) == list(tasks.TASKS)
+
+
+def test_the_request_path_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from neuronserve import tasks; tasks.parse('text-classification', 'x'); "
+            "from neuronserve.tasks import encoding; print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
