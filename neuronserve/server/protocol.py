@@ -78,9 +78,13 @@ class TaskRequest(BaseModel):
     """The Hugging Face inference API body: {"inputs": ..., "parameters": {...}, "options": {...}}."""
 
     model_config = ConfigDict(extra="forbid")
-    inputs: Any = Field(description="str | list[str]; question-answering: {question, context} or a list of them")
-    parameters: dict[str, Any] | None = Field(None, description="accepted for compatibility, not used")
-    options: dict[str, Any] | None = Field(None, description="accepted for compatibility, not used")
+    inputs: Any = Field(description="str | list[str]; text-classification also {text, text_pair}; "
+                        "question-answering {question, context}; feature-extraction also {source_sentence, "
+                        "sentences} (sentence similarity); or a list of them")
+    parameters: dict[str, Any] | None = Field(None, description="the task's parameters, as the transformers "
+                                              "pipelines define them (GET /v2/models/{m} lists them)")
+    options: dict[str, Any] | None = Field(None, description="the hosted API's (use_cache, wait_for_model): "
+                                           "accepted, not used")
 
 
 def _one_line(e: ValidationError) -> str:

@@ -126,9 +126,9 @@ def text(value: Any, where: str) -> str:
     return value
 
 
-def pair(value: Any, where: str, names: tuple[str, str], *, optional_second: bool = False) -> Pair | str:
+def pair(value: Any, where: str, names: tuple[str, str]) -> Pair:
     """`{names[0]: a, names[1]: b}` (or [a, b], or such an object as a JSON string: a KServe v2 BYTES element) ->
-    Pair(a, b). With `optional_second`, an object without the second text is the first text alone."""
+    Pair(a, b)."""
     first, second = names
     shape = f'{{"{first}": ..., "{second}": ...}}'
     if isinstance(value, str):
@@ -143,11 +143,9 @@ def pair(value: Any, where: str, names: tuple[str, str], *, optional_second: boo
     extra = sorted(set(value) - {first, second})
     if extra:
         raise BadInput(f"{where}: unknown key(s) {', '.join(repr(k) for k in extra)}; expected {shape}")
-    missing = [k for k in names if k not in value and not (optional_second and k == second)]
+    missing = [k for k in names if k not in value]
     if missing:
         raise BadInput(f"{where}: missing {' and '.join(repr(k) for k in missing)}; expected {shape}")
-    if second not in value:
-        return text(value[first], f"{where}.{first}")
     return Pair(text(value[first], f"{where}.{first}"), text(value[second], f"{where}.{second}"))
 
 

@@ -18,7 +18,7 @@ FUNCTIONS = ("softmax", "sigmoid", "none")
 
 
 def text_or_pair(value, where: str) -> str | Pair:
-    return pair(value, where, PAIR, optional_second=True) if isinstance(value, (dict, list)) else text(value, where)
+    return pair(value, where, PAIR) if isinstance(value, (dict, list)) else text(value, where)
 
 
 def default_function(manifest, classes: int) -> str:

@@ -9,6 +9,7 @@ problem.
 """
 from __future__ import annotations
 
+import json
 import time
 import warnings
 
@@ -162,7 +163,7 @@ def test_classification_heads_default_as_the_pipeline(served, problem_type, labe
 
 
 @pytest.mark.parametrize("body, status, message", [
-    ({"inputs": {"text": "only one"}}, 200, None),
+    ({"inputs": {"text": "only one"}}, 422, "missing 'text_pair'"),
     ({"inputs": {"text_pair": "no text"}}, 422, "missing 'text'"),
     ({"inputs": {"text": "a", "pair": "b"}}, 422, "unknown key(s) 'pair'"),
     ({"inputs": "a", "parameters": {"function_to_apply": "tanh"}}, 400, "softmax, sigmoid, none"),
@@ -172,9 +173,7 @@ def test_classification_heads_default_as_the_pipeline(served, problem_type, labe
 ])
 def test_text_classification_bad_input(served, body, status, message):
     client, name, *_ = served("bert", "text-classification", labels=("neg", "neutral", "pos"))
-    answer = post(client, name, body, status)
-    if message:
-        assert message in answer["error"]
+    assert message in post(client, name, body, status)["error"]
 
 
 # ---------------------------------------------------------------- zero-shot-classification
@@ -261,3 +260,50 @@ def test_sentence_transformers_model_answers_as_sentence_transformers(served, tm
         np.testing.assert_allclose(similarity, expected, atol=1e-5)
         refused = post(client, "st", {"inputs": "x", "parameters": {"normalize": False}}, 400)
         assert "Normalize module" in refused["error"]
+
+
+# ---------------------------------------------------------------- the same tasks over KServe v2
+
+def v2_text(name, data):
+    return {"name": name, "datatype": "BYTES", "shape": [len(data)], "data": data}
+
+
+@pytest.mark.parametrize("task, body, parameters", [
+    ("token-classification", {"inputs": TEXTS}, {"aggregation_strategy": "first"}),
+    ("zero-shot-classification", {"inputs": TEXTS[:2]}, {"candidate_labels": ["sport", "politics"]}),
+])
+def test_kserve_v2_text_answers_as_the_task_route(served, task, body, parameters):
+    """BYTES text in, the raw per-token (or per-pair) outputs and each input's answer out; the request's
+    parameters are the task's."""
+    client, name, model, tokenizer = served("roberta", task)
+    r = client.post(f"/v2/models/{name}/infer", json={"inputs": [v2_text("text", body["inputs"])],
+                                                       "parameters": parameters})
+    assert r.status_code == 200, r.text
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    answers = [json.loads(a) for a in outputs["answer"]["data"]]
+    assert answers == post(client, name, {**body, "parameters": parameters})
+    logits = outputs["logits"]
+    labels = len(model.config.id2label)
+    if task == "token-classification":     # [texts, longest, labels]: the eager logits of each text's tokens
+        assert logits["shape"][0] == len(TEXTS) and logits["shape"][2] == labels
+        data = np.asarray(logits["data"]).reshape(logits["shape"])
+        for row, text in enumerate(TEXTS):
+            enc = tokenizer(text, return_tensors="pt")
+            with torch.no_grad():
+                eager = model(**enc).logits[0].numpy()
+            np.testing.assert_allclose(data[row, :len(eager)], eager, atol=1e-4)
+    else:                                  # one row per (text, label) pair
+        assert logits["shape"] == [2 * 2, labels]
+    refused = client.post(f"/v2/models/{name}/infer", json={"inputs": [v2_text("text", ["x"])],
+                                                             "parameters": {"nonsense": 1}})
+    assert refused.status_code == 400 and "unknown 'nonsense'" in refused.json()["error"]
+
+
+def test_metadata_names_the_task_parameters_and_output_shapes(served):
+    client, name, model, _ = served("bert", "fill-mask")
+    meta = client.get(f"/v2/models/{name}").json()
+    assert meta["parameters"]["task"] == "fill-mask" and meta["parameters"]["task_parameters"] == ["top_k",
+                                                                                                   "truncation"]
+    assert meta["parameters"]["architecture"] == "bert"
+    shapes = {o["name"]: o["shape"] for o in meta["outputs"]}
+    assert shapes["scores"] == shapes["token_ids"] == [-1, -1, 50]
