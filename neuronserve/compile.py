@@ -27,6 +27,8 @@ from neuronserve.errors import ArtifactError, ConfigError, DeviceError
 # progress(done, total, message): called once before the first step and after each step
 Progress = Callable[[int, int, str], None]
 TARGETS = {"cpu": ("cpu",), "cuda": ("cuda",), "neuron": ("inf1", "inf2", "trn1", "trn2")}
+# tasks whose answers name the classification head's labels (the manifest carries id2label for them)
+LABELLED_TASKS = ("text-classification", "token-classification", "zero-shot-classification")
 
 
 def compile_model(source: Path, out: Path, *, name: str, task: str, backend: str, target: str,
@@ -59,11 +61,14 @@ def compile_model(source: Path, out: Path, *, name: str, task: str, backend: str
 
     tokenizer, model = _load(source, spec, engine.attn_implementation)
     input_names = _input_names(model, tokenizer, source)
-    options = _embedding_options(source) if task == "feature-extraction" else {}
+    options, dense = _embedding_options(source, model.config.hidden_size) if task == "feature-extraction" \
+        else ({}, [])
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and max(sequence_lengths) > max_positions:
         raise ConfigError(f"sequence length {max(sequence_lengths)} is over {source}'s limit of {max_positions} "
                           "positions (max_position_embeddings)")
+    labels = {str(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()} \
+        if task in LABELLED_TASKS else {}
     try:
         module = tasks.build_module(task, model, input_names, **options)
     except ValueError as e:
@@ -73,11 +78,12 @@ def compile_model(source: Path, out: Path, *, name: str, task: str, backend: str
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         versions={**engine.versions(), "transformers": _transformers_version(), "neuronserve": __version__},
         input_names=input_names, output_names=list(spec.output_names),
-        labels={str(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
-        if task == "text-classification" else {},
-        problem_type=getattr(model.config, "problem_type", None) or "single_label_classification",
-        pooling=options.get("pooling", "none"), normalize=options.get("normalize", False), dtype=dtype,
-        compiler_args=list(compiler_args),
+        architecture=model.config.model_type, attn_implementation=model.config._attn_implementation,
+        labels=labels, problem_type=getattr(model.config, "problem_type", None) or "single_label_classification",
+        pooling=options.get("pooling", "none"), normalize=options.get("normalize", False), dense=dense,
+        special={} if tokenizer.mask_token_id is None else {"mask": tokenizer.mask_token_id},
+        entailment=_entailment(labels, source) if task == "zero-shot-classification" else None,
+        dtype=dtype, compiler_args=list(compiler_args),
         buckets=[Bucket(batch=b, seq=s, file=bucket_file(b, s), sha256="") for b, s in buckets])
     # the known answer comes from the eager fp32 CPU module, before any backend moves or casts it
     manifest.warmup = _warmup(task, tokenizer, module, manifest, tasks.warmup_atol(backend, dtype))
@@ -186,7 +192,11 @@ def _sizes(what: str, values: Sequence[int]) -> list[int]:
 
 
 def _load(source: Path, spec: tasks.Task, attn_implementation: str):
-    """(fast tokenizer, float32 eval model with the task's head), offline, from a local directory."""
+    """(fast tokenizer, float32 eval model with the task's head), offline, from a local directory.
+
+    The model gets the backend's attention kernel where the architecture has it, else eager attention, which
+    every architecture has (DeBERTa-v2 and MPNet have no SDPA one); model.config._attn_implementation says which.
+    """
     if not source.is_dir():
         raise ArtifactError(f"{source}: no such model directory; compile reads a local Hugging Face model "
                             "directory (fetch one first, e.g. `huggingface-cli download ID --local-dir DIR`)")
@@ -205,16 +215,22 @@ def _load(source: Path, spec: tasks.Task, attn_implementation: str):
         raise ArtifactError(f"{source}: {config.model_type} is an encoder-decoder model; neuronserve serves "
                             "encoder models (BERT, RoBERTa, DistilBERT, ...)")
     auto = getattr(transformers, spec.auto_class)
-    try:
-        model, info = auto.from_pretrained(str(source), local_files_only=True, output_loading_info=True,
-                                           attn_implementation=attn_implementation)
-    except ValueError as e:
-        if "Unrecognized configuration class" in str(e) or "does not support" in str(e):
-            raise ArtifactError(f"{source}: architecture {config.model_type!r} has no {spec.name} model in "
-                                f"transformers {transformers.__version__}") from None
-        raise ArtifactError(f"{source}: cannot load the model: {e}") from None
-    except OSError as e:
-        raise ArtifactError(f"{source}: cannot load the model weights: {e}") from None
+    if type(config) not in auto._model_mapping:
+        raise ArtifactError(f"{source}: architecture {config.model_type!r} has no {spec.name} model in "
+                            f"transformers {transformers.__version__}")
+    kernels = list(dict.fromkeys((attn_implementation, "eager")))
+    for kernel in kernels:
+        try:
+            model, info = auto.from_pretrained(str(source), local_files_only=True, output_loading_info=True,
+                                               attn_implementation=kernel)
+            break
+        except OSError as e:
+            raise ArtifactError(f"{source}: cannot load the model weights: {e}") from None
+        except Exception as e:   # transformers and safetensors raise many kinds; the message is what the user needs
+            # a kernel the architecture lacks (or whose package is missing) is refused before any weights are read
+            if kernel == kernels[-1] or "attention" not in str(e).lower():
+                raise ArtifactError(f"{source}: cannot load the {config.model_type} model: {type(e).__name__}: "
+                                    f"{e}") from None
     # a checkpoint without this task's head loads with a randomly initialised one: refuse, it would serve noise
     missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler."))
     if missing:
@@ -236,30 +252,162 @@ def _input_names(model, tokenizer, source: Path) -> list[str]:
     return names
 
 
-def _embedding_options(source: Path) -> dict:
-    """Pooling and normalization as the sentence-transformers modules.json says; mean pooling when absent."""
+# sentence-transformers' Pooling modes neuronserve traces, and the older configs' pooling_mode_* flags in the
+# order sentence-transformers concatenates the modes they turn on
+POOLING_MODES = ("mean", "cls", "max", "lasttoken")
+_LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                   "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                   "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+# the sentence-transformers modules neuronserve reproduces, in the one order it applies them; they are named by
+# class alone, as the package has moved them between versions (sentence_transformers.models.Pooling,
+# sentence_transformers.sentence_transformer.modules.pooling.Pooling, ...)
+_MODULE_ORDER = {"Transformer": 0, "Pooling": 1, "Dense": 2, "Normalize": 3}
+
+
+def _embedding_options(source: Path, width: int) -> tuple[dict, list[dict]]:
+    """(tasks.build_module's feature-extraction options, the manifest's dense records) as the sentence-transformers
+    modules.json says: the Transformer, its Pooling, any Dense layers, Normalize. Mean pooling when absent.
+
+    `width` is the model's hidden size, the pooled embedding's. Any other module, or these in another order, is
+    refused by name: the traced model would not compute what sentence-transformers does.
+    """
+    path = source / "modules.json"
     try:
-        modules = json.loads((source / "modules.json").read_text())
+        modules = json.loads(path.read_text())
     except FileNotFoundError:
-        return {"pooling": "mean", "normalize": False}
+        return {"pooling": "mean", "normalize": False}, []
     except (OSError, ValueError) as e:
-        raise ArtifactError(f"{source}/modules.json: unreadable: {e}") from None
-    pooling = "mean"
+        raise ArtifactError(f"{path}: unreadable: {e}") from None
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ArtifactError(f"{path}: unreadable: not a list of modules")
+    options, dense, records, done = {"pooling": "mean", "normalize": False}, [], [], -1
     for m in modules:
-        if str(m.get("type", "")).endswith(".Pooling"):
-            path = source / m.get("path", "") / "config.json"
-            try:
-                pool = json.loads(path.read_text())
-            except (OSError, ValueError) as e:
-                raise ArtifactError(f"{path}: unreadable pooling config: {e}") from None
-            modes = [k.removeprefix("pooling_mode_") for k, v in pool.items() if k.startswith("pooling_mode_") and v]
-            if modes == ["cls_token"]:
-                pooling = "cls"
-            elif modes != ["mean_tokens"]:
-                raise ArtifactError(f"{path}: pooling {'+'.join(modes) or 'none'} is not supported "
-                                    "(neuronserve pools by mean_tokens or cls_token)")
-    normalize = any(str(m.get("type", "")).endswith(".Normalize") for m in modules)
-    return {"pooling": pooling, "normalize": normalize}
+        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+        where = f"{path}: module {m.get('name', m.get('idx'))!r} ({m.get('type')})"
+        order = _MODULE_ORDER.get(kind)
+        if order is None:
+            raise ArtifactError(f"{where} is not one neuronserve can reproduce; it traces "
+                                "Transformer, Pooling, Dense and Normalize modules")
+        if order < done or (order == done and kind != "Dense"):
+            raise ArtifactError(f"{where} comes after a module it must precede; neuronserve applies one "
+                                "Transformer, one Pooling, any Dense layers and Normalize in that order")
+        done = order
+        directory = source / str(m.get("path", ""))
+        if kind == "Transformer":
+            _transformer(directory, source, where)
+        elif kind == "Pooling":
+            options["pooling"] = _pooling(directory / "config.json")
+        elif kind == "Dense":
+            layer, record = _dense(directory, records[-1]["out_features"] if records else width)
+            dense.append(layer)
+            records.append(record)
+        elif kind == "Normalize":
+            options["normalize"] = True
+    if dense:
+        options["dense"] = dense
+    return options, records
+
+
+def _transformer(directory: Path, source: Path, where: str) -> None:
+    """Refuse a Transformer module other than the token embeddings of the model compile loads."""
+    if directory.resolve() != source.resolve():
+        raise ArtifactError(f"{where}: the transformer lives in {directory}, not beside modules.json where "
+                            "compile reads it")
+    path = directory / "sentence_bert_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable: {e}") from None
+    # newer sentence-transformers can take another head's outputs (fill-mask logits for sparse encoders)
+    kind = config.get("transformer_task", "feature-extraction") if isinstance(config, dict) else None
+    if kind != "feature-extraction":
+        raise ArtifactError(f"{path}: transformer_task {kind!r} is not supported (neuronserve pools the "
+                            "feature-extraction model's token embeddings)")
+
+
+def _pooling(path: Path) -> str:
+    """The one pooling mode of a sentence-transformers Pooling config (either format)."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable pooling config: {e}") from None
+    modes = config.get("pooling_mode")
+    if modes is None:
+        # the older format; sentence-transformers pools by mean when no flag is on
+        modes = [mode for key, mode in _LEGACY_POOLING.items() if config.get(key)] or ["mean"]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if len(modes) != 1 or modes[0] not in POOLING_MODES:
+        raise ArtifactError(f"{path}: pooling {'+'.join(map(str, modes))} is not supported (neuronserve pools by "
+                            f"one of {', '.join(POOLING_MODES)})")
+    return modes[0]
+
+
+def _dense(directory: Path, width: int):
+    """(Linear followed by its activation, as sentence-transformers' Dense computes it; the manifest's record) of
+    a Dense module directory whose input is `width` wide."""
+    import importlib
+
+    import torch
+
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text())
+        in_features, out_features = int(config["in_features"]), int(config["out_features"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{path}: unreadable Dense config: {e!r}") from None
+    for key, plain in (("use_residual", False), ("module_input_name", "sentence_embedding"),
+                       ("module_output_name", "sentence_embedding")):
+        if config.get(key, plain) not in (plain, None):
+            raise ArtifactError(f"{path}: a Dense layer with {key} {config[key]!r} is not supported (neuronserve "
+                                "projects the sentence embedding, without a residual connection)")
+    if in_features != width:
+        raise ArtifactError(f"{path}: in_features {in_features}, but the embedding it projects has {width}")
+    # sentence-transformers' default, and the only activations it restores without trust_remote_code: torch.nn's
+    activation = config.get("activation_function") or "torch.nn.modules.activation.Tanh"
+    module, _, name = activation.rpartition(".")
+    try:
+        kind = getattr(importlib.import_module(module), name) if module.startswith("torch.") else None
+    except (ImportError, AttributeError):
+        kind = None
+    if not (isinstance(kind, type) and issubclass(kind, torch.nn.Module)):
+        raise ArtifactError(f"{path}: activation {activation!r} is not a torch.nn module; neuronserve reproduces "
+                            "those only")
+    linear = torch.nn.Linear(in_features, out_features, bias=bool(config.get("bias", True)))
+    weights = {k.removeprefix("linear."): v for k, v in _weights(directory).items() if k.startswith("linear.")}
+    try:
+        linear.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ArtifactError(f"{directory}: weights that do not fit its {in_features} -> {out_features} Dense "
+                            f"layer: {e}") from None
+    return (torch.nn.Sequential(linear, kind()).float().eval(),
+            {"in_features": in_features, "out_features": out_features, "activation": activation})
+
+
+def _weights(directory: Path) -> dict:
+    """The tensors of a sentence-transformers module: model.safetensors, or the older pytorch_model.bin."""
+    import torch
+
+    try:
+        if (directory / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(directory / "model.safetensors"))
+        if (directory / "pytorch_model.bin").is_file():
+            return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    except Exception as e:   # safetensors' and torch's readers raise their own kinds on a damaged file
+        raise ArtifactError(f"{directory}: unreadable weights: {e}") from None
+    raise ArtifactError(f"{directory}: no weights (model.safetensors or pytorch_model.bin)")
+
+
+def _entailment(labels: dict[str, str], source: Path) -> int:
+    """The index of an NLI model's entailment label, which zero-shot classification scores each candidate by."""
+    found = [int(i) for i, label in labels.items() if label.lower().startswith("entail")]
+    if not found:
+        raise ArtifactError(f"{source}: no entailment label among its labels ({', '.join(labels.values()) or 'none'})"
+                            "; zero-shot-classification needs a model fine-tuned on NLI (e.g. MNLI)")
+    return found[0]
 
 
 def _transformers_version() -> str:
@@ -271,24 +419,24 @@ def _transformers_version() -> str:
 # ---------------------------------------------------------------- example inputs and the warm-up answer
 
 def _example(task: str, tokenizer, batch: int, seq: int, input_names: list[str]):
-    """Trace inputs for one bucket: the warm-up texts, repeated to fill the batch, so the mask has padding."""
+    """Trace inputs for one bucket: the warm-up items, repeated to fill the batch, so the mask has padding."""
     import torch
 
-    texts = list(itertools.islice(itertools.cycle(tasks.get(task).warmup), batch))
-    items = tasks.encode(task, tokenizer, tasks.parse_inputs(task, texts), seq, truncation=True)
-    return tuple(torch.from_numpy(a) for a in tasks.pad(items, batch, seq, input_names))
+    items = list(itertools.islice(itertools.cycle(tasks.warmup_items(task, tokenizer)), batch))
+    encoded = tasks.encode(task, tokenizer, [tasks.item_from_json(it) for it in items], seq, truncation=True)
+    return tuple(torch.from_numpy(a) for a in tasks.pad(encoded, batch, seq, input_names))
 
 
 def _warmup(task: str, tokenizer, module, manifest: Manifest, atol: float) -> Warmup:
     import torch
 
-    texts = list(tasks.get(task).warmup)
+    items = tasks.warmup_items(task, tokenizer)
     runs = []
     with torch.no_grad():
-        for arrays, items in tasks.warmup_batches(task, tokenizer, manifest, texts):
+        for arrays, encoded in tasks.warmup_batches(task, tokenizer, manifest, items):
             outputs = module(*(torch.from_numpy(a) for a in arrays))
-            runs.append(([o.float().numpy() for o in outputs], items))
-    return Warmup(texts=texts, expected=tasks.warmup_outputs(runs, manifest.output_names), atol=atol)
+            runs.append(([o.float().numpy() for o in outputs], encoded))
+    return Warmup(texts=items, expected=tasks.warmup_outputs(runs, manifest.output_names), atol=atol)
 
 
 # ---------------------------------------------------------------- the atomic swap
