@@ -61,8 +61,8 @@ def compile_model(source: Path, out: Path, *, name: str, task: str, backend: str
 
     tokenizer, model = _load(source, spec, engine.attn_implementation)
     input_names = _input_names(model, tokenizer, source)
-    options, dense = _embedding_options(source, model.config.hidden_size) if task == "feature-extraction" \
-        else ({}, [])
+    options, dense = _embedding_options(source, model.config.hidden_size, max(sequence_lengths)) \
+        if task == "feature-extraction" else ({}, [])
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and max(sequence_lengths) > max_positions:
         raise ConfigError(f"sequence length {max(sequence_lengths)} is over {source}'s limit of {max_positions} "
@@ -264,7 +264,7 @@ _LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "
 _MODULE_ORDER = {"Transformer": 0, "Pooling": 1, "Dense": 2, "Normalize": 3}
 
 
-def _embedding_options(source: Path, width: int) -> tuple[dict, list[dict]]:
+def _embedding_options(source: Path, width: int, longest: int = 0) -> tuple[dict, list[dict]]:
     """(tasks.build_module's feature-extraction options, the manifest's dense records) as the sentence-transformers
     modules.json says: the Transformer, its Pooling, any Dense layers, Normalize. Mean pooling when absent.
 
@@ -294,7 +294,7 @@ def _embedding_options(source: Path, width: int) -> tuple[dict, list[dict]]:
         done = order
         directory = source / str(m.get("path", ""))
         if kind == "Transformer":
-            _transformer(directory, source, where)
+            _transformer(directory, source, where, longest)
         elif kind == "Pooling":
             options["pooling"] = _pooling(directory / "config.json")
         elif kind == "Dense":
@@ -308,8 +308,10 @@ def _embedding_options(source: Path, width: int) -> tuple[dict, list[dict]]:
     return options, records
 
 
-def _transformer(directory: Path, source: Path, where: str) -> None:
-    """Refuse a Transformer module other than the token embeddings of the model compile loads."""
+def _transformer(directory: Path, source: Path, where: str, longest: int) -> None:
+    """Refuse a Transformer module other than the token embeddings of the model compile loads, and sequence
+    buckets (the `longest`) past its max_seq_length: sentence-transformers cuts text there, so a longer text would
+    embed differently."""
     if directory.resolve() != source.resolve():
         raise ArtifactError(f"{where}: the transformer lives in {directory}, not beside modules.json where "
                             "compile reads it")
@@ -325,6 +327,11 @@ def _transformer(directory: Path, source: Path, where: str) -> None:
     if kind != "feature-extraction":
         raise ArtifactError(f"{path}: transformer_task {kind!r} is not supported (neuronserve pools the "
                             "feature-extraction model's token embeddings)")
+    limit = config.get("max_seq_length")
+    if isinstance(limit, int) and longest > limit:
+        raise ConfigError(f"sequence length {longest} is over the max_seq_length {limit} of {path}: "
+                          f"sentence-transformers cuts text at {limit} tokens, so longer text would embed "
+                          f"differently; use sequence lengths up to {limit}")
 
 
 def _pooling(path: Path) -> str:

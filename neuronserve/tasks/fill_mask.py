@@ -4,10 +4,11 @@ Inputs: "text" (holding the tokenizer's mask token, e.g. [MASK] or <mask>) or a 
 is, for its mask, the `top_k` best tokens (default 5), each {"score", "token", "token_str", "sequence"} as the
 transformers pipeline gives them; a text with several masks gets one such list per mask.
 
-The traced head keeps the CANDIDATES most probable tokens at every position (probabilities over the whole
-vocabulary, and their ids): the full [batch, sequence, vocabulary] distribution would be most of a batch's memory
-and time to copy. The warm-up checks the probabilities only: two near-equal tokens may swap places on another
-backend without the model being wrong.
+The traced head keeps the CANDIDATES most probable tokens at every position (their log-probabilities over the
+whole vocabulary, and their ids): the full [batch, sequence, vocabulary] distribution would be most of a batch's
+memory and time to copy. The warm-up checks the log-probabilities only (probabilities near 1/vocabulary would
+pass any absolute tolerance; two near-equal tokens may swap places on another backend without the model being
+wrong).
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ TOP_K = 5
 class FillMask(Task):
     name = "fill-mask"
     auto_class = "AutoModelForMaskedLM"
-    output_names = ("scores", "token_ids")
-    checked_outputs = ("scores",)
+    output_names = ("log_probs", "token_ids")
+    checked_outputs = ("log_probs",)
     per_token = True
     parameters = {"top_k": integer(1, CANDIDATES), **TRUNCATION}
 
@@ -46,7 +47,7 @@ class FillMask(Task):
         return _top_tokens
 
     def decode(self, manifest, outputs, items, options, tokenizer):
-        scores, token_ids = outputs
+        log_probs, token_ids = outputs
         mask = tokenizer.mask_token_id
         answers = []
         for row, (item, o) in enumerate(zip(items, options)):
@@ -57,7 +58,8 @@ class FillMask(Task):
             per_mask = []
             for p in positions:
                 candidates = []
-                for score, token in zip(scores[row, p, :top].tolist(), token_ids[row, p, :top].astype(np.int64)):
+                scores = np.exp(log_probs[row, p, :top].astype(np.float64)).tolist()
+                for score, token in zip(scores, token_ids[row, p, :top].astype(np.int64)):
                     filled = ids.copy()
                     filled[p] = token
                     candidates.append({"score": score, "token": int(token), "token_str": tokenizer.decode([token]),
@@ -68,6 +70,5 @@ class FillMask(Task):
 
 
 def _top_tokens(out, inputs, layers):
-    probs = out.logits.float().softmax(-1)
-    values, ids = probs.topk(min(CANDIDATES, probs.shape[-1]), dim=-1)
-    return values, ids
+    log_probs = out.logits.float().log_softmax(-1)
+    return log_probs.topk(min(CANDIDATES, log_probs.shape[-1]), dim=-1)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from neuronserve import compile as compiler, random_models, tasks
-from neuronserve.errors import ArtifactError
+from neuronserve.errors import ArtifactError, ConfigError
 
 ARCHITECTURES = list(random_models.ARCHITECTURES)
 TASKS = [t for t in tasks.TASKS if t in random_models.HEADS]
@@ -233,6 +233,18 @@ def test_modules_it_cannot_reproduce_are_refused_by_name(st_source, tmp_path, da
         compiler.compile_model(source, tmp_path / "out", name="st", task="feature-extraction", backend="cpu",
                                target="cpu", batch_sizes=[1], sequence_lengths=[16])
     assert not (tmp_path / "out").exists()
+
+
+def test_buckets_past_sentence_transformers_max_seq_length_are_refused(st_source, tmp_path):
+    """sentence-transformers cuts text at max_seq_length: a longer bucket would embed long text differently."""
+    source = tmp_path / "st"
+    shutil.copytree(st_source, source)
+    config = json.loads((source / "sentence_bert_config.json").read_text())
+    (source / "sentence_bert_config.json").write_text(json.dumps({**config, "max_seq_length": 16}))
+    with pytest.raises(ConfigError, match="sequence length 32 is over the max_seq_length 16 of .*use sequence "
+                                          "lengths up to 16"):
+        compiler.compile_model(source, tmp_path / "out", name="st", task="feature-extraction", backend="cpu",
+                               target="cpu", batch_sizes=[1], sequence_lengths=[16, 32])
 
 
 def test_older_pooling_configs_are_read(st_source, tmp_path):

@@ -306,4 +306,4 @@ def test_metadata_names_the_task_parameters_and_output_shapes(served):
                                                                                                    "truncation"]
     assert meta["parameters"]["architecture"] == "bert"
     shapes = {o["name"]: o["shape"] for o in meta["outputs"]}
-    assert shapes["scores"] == shapes["token_ids"] == [-1, -1, 50]
+    assert shapes["log_probs"] == shapes["token_ids"] == [-1, -1, 50]
