@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from neuronserve import __version__
+from neuronserve.config import Task
 from neuronserve.errors import NeuronserveError
 
 CONFIG_HELP = "Config file; conf.d/*.toml beside it are merged in name order."
@@ -331,8 +332,7 @@ def top_cmd(config_path, backend, interval, once, as_json):
 @backend_option
 @click.argument("models", nargs=-1)
 @click.option("--source", type=click.Path(path_type=Path), help="One-off form: the local Hugging Face model directory.")
-@click.option("--task", type=click.Choice(["question-answering", "text-classification", "feature-extraction"]),
-              help="One-off form: what the model does.")
+@click.option("--task", type=click.Choice(list(Task.__args__)), help="One-off form: what the model does.")
 @click.option("--name", help="One-off form: the model's name (default: the --out directory's name, else the source's).")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False),
               help="One-off form: the compiled model directory to write (default: server.model_repository/NAME).")
