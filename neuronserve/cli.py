@@ -332,7 +332,8 @@ def top_cmd(config_path, backend, interval, once, as_json):
 @backend_option
 @click.argument("models", nargs=-1)
 @click.option("--source", type=click.Path(path_type=Path), help="One-off form: the local Hugging Face model directory.")
-@click.option("--task", type=click.Choice(list(Task.__args__)), help="One-off form: what the model does.")
+@click.option("--task", type=click.Choice(list(Task.__args__)), metavar="TASK",
+              help=f"One-off form: what the model does: {', '.join(Task.__args__)}.")
 @click.option("--name", help="One-off form: the model's name (default: the --out directory's name, else the source's).")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False),
               help="One-off form: the compiled model directory to write (default: server.model_repository/NAME).")
