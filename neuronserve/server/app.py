@@ -30,7 +30,6 @@ import gc
 import logging
 import os
 import sys
-import time
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -39,7 +38,6 @@ import orjson
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
-from starlette.routing import Route
 
 from neuronserve import __version__, tasks
 from neuronserve.config import parse_core_list
@@ -48,6 +46,8 @@ from neuronserve.server.batcher import ServeError
 from neuronserve.server.model import ServedModel
 from neuronserve.server.protocol import HEADER_LENGTH, InferRequest, ProtocolError, TaskRequest, encode_response, \
     parse_infer_request
+from neuronserve.server.router import APPLICATION_JSON, OCTET_STREAM, Answer, Call, Dispatch, Route, \
+    starlette_routes
 from neuronserve.server.settings import ServerSettings
 
 log = logging.getLogger("neuronserve.server")
@@ -211,12 +211,12 @@ def build_app(model: ServedModel) -> FastAPI:
         return Response(model.metrics.render(), media_type=model.metrics.content_type)
 
     # ---------------------------------------------------------------- inference
-    # Raw ASGI routes: the hot path skips FastAPI's dependency solving and Request/Response objects (about half
-    # the event loop's CPU per request); `_document` puts them in /openapi.json all the same.
+    # Raw routes (router.py): the hot path skips FastAPI's dependency solving and Request/Response objects (about
+    # half the event loop's CPU per request); `_document` puts them in /openapi.json all the same.
 
-    async def infer_v2(t0: float, scope, body: bytes, name: str, version: str | None, disconnected) -> Answer:
-        lookup(name, version)
-        req, tensors = parse_infer_request(body, _header(scope, HEADER_LENGTH))
+    async def infer_v2(call: Call) -> Answer:
+        lookup(call.name, call.version)
+        req, tensors = parse_infer_request(call.body, call.header(HEADER_LENGTH))
         text = {n: t for n, t in tensors.items() if t.dtype == object}
         if text and len(text) != len(tensors):
             raise ProtocolError("send either text (BYTES) or token tensors (INT64), not both")
@@ -226,15 +226,16 @@ def build_app(model: ServedModel) -> FastAPI:
         if unknown:
             raise ProtocolError(f"unknown output(s) {', '.join(unknown)}; this request can have "
                                 f"{', '.join(available)}")
+        deadline = call.t0 + settings.timeout_s
         request = None
         if text:
             parameters = {k: v for k, v in (req.parameters or {}).items() if k not in V2_PARAMETERS}
             request = tasks.parse(model.task, _texts(text, spec.pair_names), parameters, manifest)
-            work = await model.infer(request.items, tokenize=True, options=request.options,
-                                     deadline=t0 + settings.timeout_s, disconnected=disconnected)
+            work = await model.infer(request.items, tokenize=True, options=request.options, deadline=deadline,
+                                     disconnected=call.disconnected)
         else:
-            work = await model.infer(model.tensor_items(tensors), tokenize=False, options=None,
-                                     deadline=t0 + settings.timeout_s, disconnected=disconnected)
+            work = await model.infer(model.tensor_items(tensors), tokenize=False, options=None, deadline=deadline,
+                                     disconnected=call.disconnected)
         outputs = model.outputs(work)
         if request is not None:
             finished = request.finish(work.answers)     # one answer per input
@@ -247,115 +248,42 @@ def build_app(model: ServedModel) -> FastAPI:
             return 200, body, OCTET_STREAM, [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         return 200, body, APPLICATION_JSON, []
 
-    async def infer_task(t0: float, scope, body: bytes, name: str, version: None, disconnected) -> Answer:
-        lookup(name)
-        request = tasks.parse(model.task, *_task_inputs(body), manifest)
+    async def infer_task(call: Call) -> Answer:
+        if call.name is not None:
+            lookup(call.name)
+        request = tasks.parse(model.task, *_task_inputs(call.body), manifest)
         work = await model.infer(request.items, tokenize=True, options=request.options,
-                                 deadline=t0 + settings.timeout_s, disconnected=disconnected)
+                                 deadline=call.t0 + settings.timeout_s, disconnected=call.disconnected)
         return 200, orjson.dumps(request.finish(work.answers), option=orjson.OPT_SERIALIZE_NUMPY), \
             APPLICATION_JSON, []
 
-    def route(handler):
-        """An ASGI app running `handler`: errors become their status + {"error": message}, every answer is
-        counted and timed, and the in-flight gauge covers the request from its first byte to its answer."""
-        async def asgi(scope, receive, send) -> None:
-            t0 = time.monotonic()
-            model.metrics.in_flight.inc()
-            try:
-                params = scope["path_params"]
-                body = await _body(receive)
-                answer = await handler(t0, scope, body, params.get("name", model.name), params.get("version"),
-                                       lambda: _client_gone(receive))
-            except ServeError as e:
-                answer = _error(e.status, str(e), e.retry_after)
-            except (ProtocolError, tasks.BadParameter) as e:
-                answer = _error(400, str(e))
-            except tasks.BadInput as e:
-                answer = _error(422, str(e))
-            except Exception as e:  # a bug: answer, log the traceback, keep the worker
-                log.exception("unexpected error")
-                answer = _error(500, f"internal error: {type(e).__name__}: {e}")
-            finally:
-                model.metrics.in_flight.dec()
-            status, body, content_type, headers = answer
-            model.metrics.request(status, time.monotonic() - t0)
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(body)),
-                                    *headers]})
-            await send({"type": "http.response.body", "body": body})
-
-        return asgi
-
-    hot = [("/v2/models/{name}/infer", infer_v2), ("/v2/models/{name}/versions/{version}/infer", infer_v2),
-           ("/models/{name}", infer_task), ("/", infer_task)]
-    app.hot = [RawRoute(path, route(handler)) for path, handler in hot]
-    app.router.routes.extend(app.hot)       # also there: a GET on them is a 405, as for any POST route
-    app.openapi = lambda: _document(app, [path for path, _ in hot])
+    routes = [Route("/v2/models/{name}/infer", infer_v2, summary="KServe v2 inference", body=InferRequest),
+              Route("/v2/models/{name}/versions/{version}/infer", infer_v2, summary="KServe v2 inference",
+                    body=InferRequest),
+              Route("/models/{name}", infer_task, summary="Hugging Face task inference", body=TaskRequest),
+              Route("/", infer_task, summary="Hugging Face task inference", body=TaskRequest)]
+    app.routes_raw = routes
+    app.router.routes.extend(starlette_routes(routes))
+    app.openapi = lambda: _document(app, routes)
     return app
 
 
 class App(FastAPI):
-    """FastAPI, with the inference routes (`hot`) dispatched before its middleware, telemetry check and router:
-    on a small model these cost as much event-loop CPU as the rest of the request."""
+    """FastAPI whose inference routes (`routes_raw`, router.py) are dispatched inside the user middleware and
+    outside FastAPI's own stack: on a small model FastAPI's routing costs as much event-loop CPU as the rest of a
+    request, and middleware must see every request all the same."""
 
-    hot: list[RawRoute] = []
+    routes_raw: list[Route] = []
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            path = scope["path"]
-            for route in self.hot:
-                match = route.path_regex.match(path)
-                if match:
-                    scope["app"] = self
-                    scope["path_params"] = match.groupdict()
-                    return await route.app(scope, receive, send)
-        await super().__call__(scope, receive, send)
-
-
-class RawRoute(Route):
-    """POST `path` served by `asgi`, an ASGI function (Starlette would wrap a function as request -> response)."""
-
-    def __init__(self, path: str, asgi):
-        super().__init__(path, asgi, methods=["POST"])
-        self.app = asgi
-
-
-# (status, body, content-type, extra headers) of a hot route's answer
-Answer = tuple[int, bytes, bytes, list]
-APPLICATION_JSON, OCTET_STREAM = b"application/json", b"application/octet-stream"
-
-
-def _error(status: int, message: str, retry_after: int | None = None) -> Answer:
-    headers = [(b"retry-after", str(retry_after).encode())] if retry_after else []
-    return status, orjson.dumps({"error": message}), APPLICATION_JSON, headers
-
-
-async def _body(receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ServeError(499, "client disconnected")
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def _client_gone(receive) -> None:
-    """Returns once the client closed the connection (the body was read already: the next message is that)."""
-    try:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-    except Exception:   # a receive that fails has lost its connection too
-        pass
-
-
-def _header(scope, name: str) -> str | None:
-    key = name.encode()
-    for k, v in scope["headers"]:
-        if k == key:
-            return v.decode("latin-1")
-    return None
+    def build_middleware_stack(self):
+        user, self.user_middleware = self.user_middleware, []
+        try:
+            app = Dispatch(self.routes_raw, super().build_middleware_stack(), self.state.model.metrics)
+        finally:
+            self.user_middleware = user
+        for cls, args, kwargs in reversed(user):
+            app = cls(app, *args, **kwargs)
+        return app
 
 
 TASK_KEYS = ("inputs", "parameters", "options")
@@ -390,7 +318,7 @@ def _json_type(value) -> str:
         type(value), "a number")
 
 
-def _document(app: FastAPI, hot: list[str]) -> dict:
+def _document(app: FastAPI, routes: list[Route]) -> dict:
     """FastAPI's OpenAPI schema plus the raw inference routes: path parameters and the JSON body each parses
     (binary KServe bodies are the same JSON followed by raw tensors)."""
     if app.openapi_schema:
@@ -398,22 +326,22 @@ def _document(app: FastAPI, hot: list[str]) -> dict:
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     ref = "#/components/schemas/{model}"
-    for body in (InferRequest, TaskRequest):
+    for body in {r.body for r in routes}:
         doc = body.model_json_schema(ref_template=ref)
         components.update(doc.pop("$defs", {}))
         components[body.__name__] = doc
-    for path in hot:
-        v2 = path.endswith("/infer")
-        names = [p for p in ("name", "version") if "{%s}" % p in path]
-        body = InferRequest if v2 else TaskRequest
-        schema["paths"].setdefault(path, {})["post"] = {
-            "summary": "KServe v2 inference" if v2 else "Hugging Face task inference",
-            "operationId": "infer_" + "_".join(["v2" if v2 else "task"] + names),
+    for route in routes:
+        names = [p for p in ("name", "version") if "{%s}" % p in route.path]
+        v2 = route.body is InferRequest
+        operation = route.path.strip("/").replace("{", "").replace("}", "").replace("/", "_") or "root"
+        schema["paths"].setdefault(route.path, {})["post"] = {
+            "summary": route.summary,
+            "operationId": "infer_" + operation,
             "parameters": [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in names]
             + ([{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
                  "schema": {"type": "string"}}] if v2 else []),
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                "$ref": ref.format(model=body.__name__)}}}},
+                "$ref": ref.format(model=route.body.__name__)}}}},
             "responses": {code: {"description": what} for code, what in RESPONSES.items()},
         }
     app.openapi_schema = schema

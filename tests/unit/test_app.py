@@ -239,3 +239,28 @@ def test_full_queue_is_503_with_retry_after(artifacts):
 def test_bad_artifact_is_refused_with_settings_given(tmp_path):
     with pytest.raises(ArtifactError, match="no compiled model"):
         create_app(settings_for(tmp_path / "missing"))
+
+
+def test_middleware_sees_the_inference_routes(artifacts):
+    """Middleware added to the app (auth, tracing, CORS) wraps every dialect's inference routes too."""
+    app = create_app(settings_for(artifacts[CLS], copies=1))
+    seen = []
+
+    class Trace:
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                seen.append((scope["method"], scope["path"]))
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(Trace)
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert client.post(f"/models/{CLS}", json={"inputs": "hi"}).status_code == 200
+        assert client.post(f"/v2/models/{CLS}/infer", json={"inputs": [v2("text", ["hi"])]}).status_code == 200
+        assert client.post("/", json={"inputs": "hi"}).status_code == 200
+        assert client.get(f"/models/{CLS}").status_code == 405
+    assert seen[-4:] == [("POST", f"/models/{CLS}"), ("POST", f"/v2/models/{CLS}/infer"), ("POST", "/"),
+                         ("GET", f"/models/{CLS}")]
