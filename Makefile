@@ -11,7 +11,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.neuronserve-installed
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests drive for real: nginx in front, systemd-nspawn for the unit tests, rpm/lintian
-# for the package checks, tmux for `top`'s screen, wrk for the baseline load.
+# for the package checks, tmux for `top`'s screen, wrk for the baseline load; nginx's njs module (no command:
+# checked by its file) routes OpenAI requests by model at the front.
 DEB_TOOLS := nginx:nginx systemd-nspawn:systemd-container rpm:rpm rpmbuild:rpm lintian:lintian \
              tmux:tmux wrk:wrk systemd-analyze:systemd debootstrap:debootstrap rpmlint:rpmlint
 PYTEST_ARGS ?=
@@ -25,6 +26,7 @@ help:
 sysdeps:
 	@missing=""; for pair in $(DEB_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; done; \
+	[ -e /usr/lib/nginx/modules/ngx_http_js_module.so ] || missing="$$missing libnginx-mod-http-js"; \
 	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing \
 	  || { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive \

@@ -10,6 +10,7 @@ Quoting is done here, once, by filters the templates call: `systemd_arg` / `syst
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import tempfile
@@ -33,6 +34,8 @@ WORKER_STARTUP_S = 120
 # nginx drops an idle upstream connection after 60 s; the group keeps it longer, so nginx never sends a
 # request on a connection the group is closing at that instant
 NGINX_UPSTREAM_IDLE_S = 60
+# nginx's njs module where the distributions install it (Debian/Ubuntu libnginx-mod-http-js; RHEL nginx-mod-njs)
+NJS_MODULES = ("/usr/lib/nginx/modules/ngx_http_js_module.so", "/usr/lib64/nginx/modules/ngx_http_js_module.so")
 GROUP_KEEPALIVE_S = 75
 # RFC 6750 b64token: also what can sit inside an nginx string without any escaping
 TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -137,6 +140,16 @@ def read_token(path: Path) -> str:
     return token
 
 
+def njs_script_path(layout: Layout) -> Path:
+    """The front's njs script (outside conf.d, as nginx reads only *.conf there)."""
+    return layout.etc_dir / "nginx-embeddings.js"
+
+
+def njs_module() -> str | None:
+    """nginx's njs module, when installed: with it the front routes OpenAI requests by the body's model."""
+    return next((m for m in NJS_MODULES if os.path.exists(m)), None)
+
+
 def front_access_log(layout: Layout) -> Path:
     """The front's access log (client, request line, status, which group answered; never the token)."""
     return layout.under("/var/log/nginx/neuronserve.access.log")
@@ -186,14 +199,23 @@ def _gunicorn_context(plan: Plan, group: Group) -> dict:
         loglevel=server.log_level, backlog=max(2048, 2 * group.settings.max_queue))
 
 
+def _routes_by_body(plan: Plan) -> bool:
+    """Whether the front sends /v1/embeddings by the body's model: several models, and njs to read the body."""
+    return len(plan.by_model()) > 1 and njs_module() is not None
+
+
 def _nginx_context(plan: Plan, layout: Layout, down: frozenset[str]) -> dict:
     ng = plan.config.nginx
     burst = ng.rate_limit_burst
     if burst is None and ng.rate_limit:
         count, unit = ng.rate_limit.split("r/")
         burst = max(1, -(-int(count) // (60 if unit == "m" else 1)))   # one second's worth, rounded up
+    models = plan.by_model()
     return dict(
-        nginx=ng, models=plan.by_model(), groups=plan.groups, down=down,
+        nginx=ng, models=models, groups=plan.groups, down=down,
+        njs=njs_script_path(layout) if _routes_by_body(plan) else None,
+        openai_models=json.dumps({"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "neuronserve"} for m in models]}),
         auth_map=auth_map_path(layout) if ng.auth_token_file else None,
         rate_limit=ng.rate_limit, burst=burst,
         access_log=front_access_log(layout),
@@ -216,6 +238,8 @@ def render_files(plan: Plan, layout: Layout, *, down: set[str] | frozenset[str] 
     ng = plan.config.nginx
     if ng.enabled:
         files[layout.nginx_conf] = _render(jenv, "nginx.conf.j2", **_nginx_context(plan, layout, frozenset(down)))
+        if _routes_by_body(plan):
+            files[njs_script_path(layout)] = _render(jenv, "neuronserve.js.j2", models=plan.by_model())
         if ng.auth_token_file:
             token = read_token(Path(ng.auth_token_file))
             files[auth_map_path(layout)] = Secret(f"# {HEADER}\n\"Bearer {token}\" 1;\n")

@@ -22,7 +22,7 @@ import httpx
 from neuronserve.errors import ServiceError
 from neuronserve.layout import Layout
 from neuronserve.plan import Plan
-from neuronserve.render import front_access_log, render_files, template_env, write_files
+from neuronserve.render import front_access_log, njs_module, render_files, template_env, write_files
 
 READY_PATH = "/v2/health/ready"
 # what a systemd service also gets from outside its unit; everything else comes from the group's env
@@ -54,7 +54,7 @@ def render_front_main(layout: Layout) -> str:
     """nginx's main config for `up`: everything under the state directory, the front conf included."""
     user = pwd.getpwuid(0).pw_name if os.geteuid() == 0 else None
     return template_env(layout).get_template("nginx-main.conf.j2").render(
-        state_dir=str(layout.state_dir), front_conf=str(layout.nginx_conf), user=user,
+        state_dir=str(layout.state_dir), front_conf=str(layout.nginx_conf), user=user, njs_module=njs_module(),
         worker_processes=min(4, len(os.sched_getaffinity(0))))
 
 

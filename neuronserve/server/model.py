@@ -132,7 +132,8 @@ class ServedModel:
                     disconnected: Callable[[], Awaitable] | None = None) -> Work:
         """Queue `items` (parsed task items with `tokenize`, else tasks.Encoded), wait for every row (and
         answer, decoded with the request's task `options` unless they are None); ServeError on refusal, timeout
-        or client gone, tasks.BadInput on text the tokenizer refuses. `deadline` is a time.monotonic() value; `disconnected` returns once the client left.
+        or client gone, tasks.BadInput on text the tokenizer refuses. `deadline` is a time.monotonic() value;
+        `disconnected` returns once the client left.
 
         Text goes to the tokenizer thread, which queues it for the copies itself: the request's only wake-up
         on the event loop is its answer."""

@@ -86,5 +86,6 @@ def warmup_mismatch(manifest, got: dict, items: Sequence[Encoded]) -> str | None
 
 
 __all__ = ["TASKS", "TOKEN_INPUTS", "MAX_ANSWER_TOKENS", "Task", "BadInput", "BadParameter", "Pair", "Encoded",
-           "Request", "item_from_json", "get", "parse", "encode", "pad", "decode", "build_module", "load_tokenizer", "warmup_items",
+           "Request", "item_from_json", "get", "parse", "encode", "pad", "decode", "build_module", "load_tokenizer",
+           "warmup_items",
            "warmup_batches", "warmup_outputs", "warmup_mismatch", "warmup_atol"]

@@ -171,3 +171,11 @@ def _backend(tokenizer, max_length: int | None, only_second: bool, direction: st
         if backend is None:
             backend = mine[key] = _Backend(tokenizer, max_length, only_second, direction)
         return backend
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """(the ids the tokenizer puts before one text's tokens, those it puts after): [CLS] and [SEP] for BERT, <s>
+    and </s> for RoBERTa; read off an encoding of one word, so every post-processor is read the same way."""
+    encoding = _backend(tokenizer, None, False, None).full.encode("a")    # the shared one may pad
+    text = [i for i, s in enumerate(encoding.sequence_ids) if s == 0]
+    return encoding.ids[:text[0]], encoding.ids[text[-1] + 1:]

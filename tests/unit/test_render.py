@@ -6,6 +6,7 @@ systemd-analyze runs with --root=<the layout's scratch root>, into which the hos
 """
 from __future__ import annotations
 
+import json
 import re
 import runpy
 import shutil
@@ -242,6 +243,40 @@ def test_front_passes_nginx_t(tmp_path, variant):
         layout = Layout(tmp_path / backend, cfg)
         write_files(render_files(plan, layout, down=down))
         prepare_front(layout)       # raises ServiceError with nginx's message unless `nginx -t` passes
+
+
+@needs_nginx
+@pytest.mark.parametrize("njs", [True, False])
+def test_openai_root_routes_by_the_body_with_njs_and_says_how_without(tmp_path, monkeypatch, njs):
+    from neuronserve import render
+
+    if njs and not render.njs_module():
+        pytest.skip("nginx's njs module is not installed (make sysdeps)")
+    if not njs:
+        monkeypatch.setattr(render, "njs_module", lambda: None)
+    cfg = load_cfg(tmp_path, TWO_MODELS)
+    plan = make_plan(cfg, HOSTS["cpu"](), python="/usr/bin/python3")
+    layout = Layout(tmp_path / "root", cfg)
+    files = render_files(plan, layout)
+    text = files[layout.nginx_conf]
+    listing = json.loads(re.search(r"location = /v1/models \{\n\s*return 200 '(.*)\\n';", text).group(1))
+    assert [m["id"] for m in listing["data"]] == ["emb", "qa"]
+    if njs:
+        script = files[render.njs_script_path(layout)]
+        assert 'var MODELS = ["emb", "qa"];' in script and "internalRedirect" in script
+        assert f'js_import neuronserve from "{render.njs_script_path(layout)}";' in text
+        assert "js_content neuronserve.embeddings;" in text
+    else:
+        assert render.njs_script_path(layout) not in files and "js_" not in text
+        assert "use http://<host>/models/<name>/v1 as the base URL" in text
+    write_files(files)
+    prepare_front(layout)
+    # one model: the root goes to it, TEI's routes too
+    one_model = load_cfg(tmp_path, TWO_MODELS.split("[models.qa]")[0])
+    single = make_plan(one_model, HOSTS["cpu"](), python="/usr/bin/python3")
+    text = render_files(single, layout)[layout.nginx_conf]
+    assert re.search(r"location = /v1/embeddings \{\n\s*proxy_pass http://neuronserve_emb;", text)
+    assert "location ~ ^/(embed|embed_all|rerank|predict|tokenize|decode|info|health)$ {" in text
 
 
 @needs_nginx

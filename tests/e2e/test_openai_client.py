@@ -1,0 +1,63 @@
+"""The `openai` SDK, unchanged, against the nginx front: embeddings.create with strings, token arrays, base64 (the
+SDK's default) and dimensions, at a model's own base URL (/models/<name>/v1) and at the root, where the front
+sends the request to the model its body names (njs) when the host serves several. Answers equal the task JSON
+route's for the same text."""
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+TEXTS = ["The cat sits on the mat.", "Embeddings for retrieval.", "A third, longer sentence with more words in it."]
+
+
+@pytest.fixture(scope="module")
+def front(stack_builder):
+    """Two models behind one front: the root /v1/embeddings must route by the body's model."""
+    stack = stack_builder({"emb": {"groups": 1}, "cls": {"groups": 1}})
+    try:
+        yield stack.front_url
+    finally:
+        stack.stop()
+
+
+def task_route(front: str, texts: list[str]) -> np.ndarray:
+    return np.asarray(httpx.post(f"{front}/models/emb", json={"inputs": texts}, timeout=60).json())
+
+
+@pytest.mark.parametrize("base", ["/models/emb/v1", "/v1"])
+def test_embeddings_create(front, base):
+    client = openai.OpenAI(base_url=front + base, api_key="unused", max_retries=0)
+    expected = task_route(front, TEXTS)
+    got = client.embeddings.create(model="emb", input=TEXTS)          # the SDK asks for base64 and decodes it
+    assert [d.index for d in got.data] == [0, 1, 2] and got.model == "emb"
+    np.testing.assert_allclose([d.embedding for d in got.data], expected, atol=1e-5)
+    assert got.usage.prompt_tokens == got.usage.total_tokens > len(TEXTS)
+    floats = client.embeddings.create(model="emb", input=TEXTS[0], encoding_format="float")
+    np.testing.assert_allclose(floats.data[0].embedding, expected[0], atol=1e-5)
+    width = expected.shape[1]
+    assert len(client.embeddings.create(model="emb", input="x", dimensions=width).data[0].embedding) == width
+    with pytest.raises(openai.BadRequestError, match="not trained to be cut shorter"):
+        client.embeddings.create(model="emb", input="x", dimensions=width // 2)
+
+
+def test_token_arrays(front, minilm_dir):
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    client = openai.OpenAI(base_url=front + "/v1", api_key="unused", max_retries=0)
+    got = client.embeddings.create(model="emb", input=ids)
+    np.testing.assert_allclose([d.embedding for d in got.data], task_route(front, TEXTS), atol=1e-5)
+
+
+def test_unknown_model_and_listing(front):
+    client = openai.OpenAI(base_url=front + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.embeddings.create(model="gpt-4", input="x")
+    assert "served: " in str(e.value) and "emb" in str(e.value) and e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError, match="text-classification model"):
+        client.embeddings.create(model="cls", input="x")
+    assert sorted(m.id for m in client.models.list()) == ["cls", "emb"]
+    assert [m.id for m in openai.OpenAI(base_url=front + "/models/emb/v1", api_key="x").models.list()] == ["emb"]
