@@ -42,7 +42,7 @@ from fastapi.responses import Response
 from neuronserve import __version__, tasks
 from neuronserve.config import parse_core_list
 from neuronserve.errors import ConfigError, NeuronserveError
-from neuronserve.server import openai
+from neuronserve.server import openai, tei
 from neuronserve.server.batcher import ServeError
 from neuronserve.server.model import ServedModel
 from neuronserve.server.protocol import HEADER_LENGTH, InferRequest, ProtocolError, TaskRequest, encode_response, \
@@ -263,7 +263,7 @@ def build_app(model: ServedModel) -> FastAPI:
                     body=InferRequest),
               Route("/models/{name}", infer_task, summary="Hugging Face task inference", body=TaskRequest),
               Route("/", infer_task, summary="Hugging Face task inference", body=TaskRequest)]
-    routes += openai.register(app, model)
+    routes += openai.register(app, model) + tei.register(app, model)
     app.routes_raw = routes
     app.router.routes.extend(starlette_routes(routes))
     app.openapi = lambda: _document(app, routes)

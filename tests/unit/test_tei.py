@@ -45,13 +45,6 @@ EMBED, RERANKER, CLASSIFIER = ("feature-extraction", ()), ("text-classification"
 OTHER = ("token-classification", ())
 
 
-def tei_app(settings, **kwargs):
-    app = create_app(settings, **kwargs)
-    if not any(r.path == "/embed" for r in app.routes_raw):   # until app.py registers the TEI routes itself
-        app.routes_raw = app.routes_raw + tei.register(app, app.state.model)
-    return app
-
-
 def wait_ready(client) -> None:
     deadline = time.monotonic() + 60
     while client.get("/v2/health/ready").status_code != 200:
@@ -71,7 +64,7 @@ def models(tmp_path_factory):
             name = f"tei-{len(made)}"
             source = random_models.build_model(root / "src" / name, "bert", task, labels=labels or None)
             artifact = compiled(root / "out", source, task, name=name, **BUCKETS)
-            client = TestClient(tei_app(settings_for(artifact, copies=1)))
+            client = TestClient(create_app(settings_for(artifact, copies=1)))
             client.__enter__()
             clients.append(client)
             wait_ready(client)
@@ -322,7 +315,7 @@ def test_a_model_of_another_task_tokenizes_and_refuses_inference(models):
 def test_health_is_503_until_ready(models):
     m = models(EMBED)
     loader = GatedLoader(hold_loading=True)
-    with TestClient(tei_app(settings_for(m.artifact, copies=1), load=loader)) as client:
+    with TestClient(create_app(settings_for(m.artifact, copies=1), load=loader)) as client:
         r = client.get("/health")
         assert r.status_code == 503 and r.json()["error_type"] == "Unhealthy", r.text
         r = client.post("/embed", json={"inputs": "a"})
