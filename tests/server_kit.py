@@ -1,6 +1,7 @@
 """Helpers for the server's tests: compiled tiny artifacts (cached per session) and a real gunicorn process."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -76,6 +77,38 @@ def settings_for(model_dir: Path, **overrides) -> ServerSettings:
                   max_queue=512)
     values.update(overrides)
     return ServerSettings(**values)
+
+
+def wait_ready(client, timeout: float = 60) -> None:
+    """Until the in-process app (a Starlette TestClient) reports ready."""
+    deadline = time.monotonic() + timeout
+    while client.get("/v2/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/v2/health/ready").json()
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def in_process():
+    """start(artifact, **settings) -> a TestClient of the artifact's app (its lifespan running), ready; every app
+    it started is stopped on leaving. One copy unless the settings say otherwise."""
+    from fastapi.testclient import TestClient
+
+    from neuronserve.server.app import create_app
+
+    clients = []
+
+    def start(artifact: Path, **overrides):
+        client = TestClient(create_app(settings_for(artifact, **{"copies": 1, **overrides})))
+        client.__enter__()
+        clients.append(client)
+        wait_ready(client)
+        return client
+
+    try:
+        yield start
+    finally:
+        for client in clients:
+            client.__exit__(None, None, None)
 
 
 def free_port() -> int:

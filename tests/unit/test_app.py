@@ -15,7 +15,7 @@ from tritonclient.http import InferResult
 from neuronserve import tasks
 from neuronserve.errors import ArtifactError
 from neuronserve.server.app import create_app
-from server_kit import GatedLoader, compiled, settings_for
+from server_kit import GatedLoader, compiled, settings_for, wait_ready
 
 QA, CLS = "question-answering", "text-classification"
 PAIR = {"question": "Where does Ann live?", "context": "Ann lives in Oslo with her cat."}
@@ -26,13 +26,6 @@ LONG = "word " * 200
 def artifacts(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.getbasetemp() / "server-artifacts"
     return {task: compiled(root, tiny_model_dir(task), task) for task in (QA, CLS)}
-
-
-def wait_ready(client: TestClient, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/v2/health/ready").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/v2/health/ready").json()
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

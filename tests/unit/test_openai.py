@@ -5,14 +5,11 @@ through nginx: tests/e2e/test_openai_client.py."""
 from __future__ import annotations
 
 import base64
-import time
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
-from neuronserve.server.app import create_app
-from server_kit import compiled, settings_for
+from server_kit import compiled, in_process
 
 TEXTS = ["The cat sits on the mat.", "A fast tokenizer keeps the request path cheap."]
 
@@ -20,20 +17,10 @@ TEXTS = ["The cat sits on the mat.", "A fast tokenizer keeps the request path ch
 @pytest.fixture(scope="module")
 def clients(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.getbasetemp() / "openai-artifacts"
-    made = {}
-    for name, task in (("emb", "feature-extraction"), ("cls", "text-classification")):
-        artifact = compiled(root, tiny_model_dir(task), task, name=name, batch_sizes=(1, 4),
-                            sequence_lengths=(32,))
-        client = TestClient(create_app(settings_for(artifact, copies=1)))
-        client.__enter__()
-        deadline = time.monotonic() + 60
-        while client.get("/v2/health/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        made[name] = client
-    yield made
-    for c in made.values():
-        c.__exit__(None, None, None)
+    with in_process() as start:
+        yield {name: start(compiled(root, tiny_model_dir(task), task, name=name, batch_sizes=(1, 4),
+                                    sequence_lengths=(32,)))
+               for name, task in (("emb", "feature-extraction"), ("cls", "text-classification"))}
 
 
 def embed(client, body, path="/v1/embeddings", status=200):

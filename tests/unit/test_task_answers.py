@@ -10,19 +10,16 @@ problem.
 from __future__ import annotations
 
 import json
-import time
 import warnings
 
 import numpy as np
 import pytest
 import torch
 import transformers
-from fastapi.testclient import TestClient
 
 from neuronserve import random_models, tasks
-from neuronserve.server.app import create_app
 from references import qa_answer
-from server_kit import compiled, settings_for
+from server_kit import compiled, in_process
 
 FAMILIES = ("bert", "roberta", "xlm-roberta")      # WordPiece, byte-level BPE, Unigram
 BUCKETS = dict(batch_sizes=(1, 4), sequence_lengths=(64,))
@@ -32,34 +29,23 @@ TEXTS = ["My name is Wolfgang and I live in Berlin.", "Hugging Face Inc. is a co
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """served(family, task, **build) -> (TestClient of the app, source dir, eager model, tokenizer)."""
-    made, clients = {}, []
+    """served(family, task, **build) -> (TestClient of the app, its model's name, eager model, tokenizer)."""
+    made = {}
     root = tmp_path_factory.mktemp("task-answers")
+    with in_process() as start:
+        def serve(family: str, task: str, **build):
+            key = (family, task, tuple(sorted(build.items())))
+            if key not in made:
+                name = f"{family}-{task}-{len(made)}"
+                source = random_models.build_model(root / "src" / name, family, task, **build)
+                client = start(compiled(root / "out", source, task, name=name, **BUCKETS))
+                auto = getattr(transformers, tasks.get(task).auto_class)
+                model = auto.from_pretrained(source, local_files_only=True, attn_implementation="eager").eval()
+                tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
+                made[key] = client, name, model, tokenizer
+            return made[key]
 
-    def serve(family: str, task: str, **build):
-        key = (family, task, tuple(sorted(build.items())))
-        if key not in made:
-            name = f"{family}-{task}-{len(made)}"
-            source = random_models.build_model(root / "src" / name, family, task, **build)
-            artifact = compiled(root / "out", source, task, name=name, **BUCKETS)
-            client = TestClient(create_app(settings_for(artifact, copies=1)))
-            client.__enter__()
-            clients.append(client)
-            deadline = time.monotonic() + 60
-            while client.get("/v2/health/ready").status_code != 200:
-                assert time.monotonic() < deadline, client.get("/v2/health/ready").json()
-                time.sleep(0.05)
-            auto = getattr(transformers, tasks.get(task).auto_class)
-            model = auto.from_pretrained(source, local_files_only=True, attn_implementation="eager").eval()
-            tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
-            made[key] = client, name, model, tokenizer
-        return made[key]
-
-    try:
         yield serve
-    finally:
-        for c in clients:
-            c.__exit__(None, None, None)
 
 
 def post(client, name, body, status=200):
@@ -248,11 +234,8 @@ def test_sentence_transformers_model_answers_as_sentence_transformers(served, tm
                                                        normalize=True)
     artifact = compiled(tmp_path / "out", source, "feature-extraction", name="st", **BUCKETS)
     reference = SentenceTransformer(str(source), device="cpu")
-    with TestClient(create_app(settings_for(artifact, copies=1))) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/v2/health/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with in_process() as start:
+        client = start(artifact)
         got = np.asarray(post(client, "st", {"inputs": TEXTS}))
         np.testing.assert_allclose(got, reference.encode(TEXTS), atol=2e-5)
         similarity = post(client, "st", {"inputs": {"source_sentence": TEXTS[0], "sentences": TEXTS[1:]}})

@@ -10,7 +10,6 @@ error {"error", "error_type"} with TEI's status for the kind, never a 500.
 """
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,7 +22,7 @@ from neuronserve import random_models
 from neuronserve.server import tei
 from neuronserve.server.app import create_app
 from neuronserve.server.batcher import ServeError
-from server_kit import GatedLoader, compiled, settings_for
+from server_kit import GatedLoader, compiled, in_process, settings_for, wait_ready
 
 BUCKETS = dict(batch_sizes=(1, 4), sequence_lengths=(64,))
 MAX_QUEUE = 512     # settings_for's
@@ -45,37 +44,22 @@ EMBED, RERANKER, CLASSIFIER = ("feature-extraction", ()), ("text-classification"
 OTHER = ("token-classification", ())
 
 
-def wait_ready(client) -> None:
-    deadline = time.monotonic() + 60
-    while client.get("/v2/health/ready").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/v2/health/ready").json()
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """models(kind) -> namespace(client, name, source, artifact) for EMBED, RERANKER, CLASSIFIER or OTHER."""
-    made, clients = {}, []
+    made = {}
     root = tmp_path_factory.mktemp("tei")
+    with in_process() as start:
+        def serve(kind):
+            if kind not in made:
+                task, labels = kind
+                name = f"tei-{len(made)}"
+                source = random_models.build_model(root / "src" / name, "bert", task, labels=labels or None)
+                artifact = compiled(root / "out", source, task, name=name, **BUCKETS)
+                made[kind] = SimpleNamespace(client=start(artifact), name=name, source=source, artifact=artifact)
+            return made[kind]
 
-    def serve(kind):
-        if kind not in made:
-            task, labels = kind
-            name = f"tei-{len(made)}"
-            source = random_models.build_model(root / "src" / name, "bert", task, labels=labels or None)
-            artifact = compiled(root / "out", source, task, name=name, **BUCKETS)
-            client = TestClient(create_app(settings_for(artifact, copies=1)))
-            client.__enter__()
-            clients.append(client)
-            wait_ready(client)
-            made[kind] = SimpleNamespace(client=client, name=name, source=source, artifact=artifact)
-        return made[kind]
-
-    try:
         yield serve
-    finally:
-        for c in clients:
-            c.__exit__(None, None, None)
 
 
 def call(client, path, body, status=200):
