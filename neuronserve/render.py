@@ -146,7 +146,8 @@ def njs_script_path(layout: Layout) -> Path:
 
 
 def njs_module() -> str | None:
-    """nginx's njs module, when installed: with it the front routes OpenAI requests by the body's model."""
+    """nginx's njs module, when installed: with it the front routes OpenAI requests by the body's model and lists
+    the models with their state."""
     return next((m for m in NJS_MODULES if os.path.exists(m)), None)
 
 
@@ -199,11 +200,6 @@ def _gunicorn_context(plan: Plan, group: Group) -> dict:
         loglevel=server.log_level, backlog=max(2048, 2 * group.settings.max_queue))
 
 
-def _routes_by_body(plan: Plan) -> bool:
-    """Whether the front sends /v1/embeddings by the body's model: several models, and njs to read the body."""
-    return len(plan.by_model()) > 1 and njs_module() is not None
-
-
 def _nginx_context(plan: Plan, layout: Layout, down: frozenset[str]) -> dict:
     ng = plan.config.nginx
     burst = ng.rate_limit_burst
@@ -213,7 +209,7 @@ def _nginx_context(plan: Plan, layout: Layout, down: frozenset[str]) -> dict:
     models = plan.by_model()
     return dict(
         nginx=ng, models=models, groups=plan.groups, down=down,
-        njs=njs_script_path(layout) if _routes_by_body(plan) else None,
+        njs=njs_script_path(layout) if njs_module() else None,
         openai_models=json.dumps({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "neuronserve"} for m in models]}),
         auth_map=auth_map_path(layout) if ng.auth_token_file else None,
@@ -238,8 +234,10 @@ def render_files(plan: Plan, layout: Layout, *, down: set[str] | frozenset[str] 
     ng = plan.config.nginx
     if ng.enabled:
         files[layout.nginx_conf] = _render(jenv, "nginx.conf.j2", **_nginx_context(plan, layout, frozenset(down)))
-        if _routes_by_body(plan):
-            files[njs_script_path(layout)] = _render(jenv, "neuronserve.js.j2", models=plan.by_model())
+        if njs_module():
+            files[njs_script_path(layout)] = _render(jenv, "neuronserve.js.j2", models={
+                name: {"task": plan.config.models[name].task, "groups": [g.name for g in gs]}
+                for name, gs in plan.by_model().items()})
         if ng.auth_token_file:
             token = read_token(Path(ng.auth_token_file))
             files[auth_map_path(layout)] = Secret(f"# {HEADER}\n\"Bearer {token}\" 1;\n")

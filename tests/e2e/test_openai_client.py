@@ -4,6 +4,8 @@ sends the request to the model its body names (njs) when the host serves several
 route's for the same text."""
 from __future__ import annotations
 
+import os
+
 import httpx
 import numpy as np
 import openai
@@ -13,13 +15,18 @@ TEXTS = ["The cat sits on the mat.", "Embeddings for retrieval.", "A third, long
 
 
 @pytest.fixture(scope="module")
-def front(stack_builder):
+def stack(stack_builder):
     """Two models behind one front: the root /v1/embeddings must route by the body's model."""
     stack = stack_builder({"emb": {"groups": 1}, "cls": {"groups": 1}})
     try:
-        yield stack.front_url
+        yield stack
     finally:
         stack.stop()
+
+
+@pytest.fixture
+def front(stack):
+    return stack.front_url
 
 
 def task_route(front: str, texts: list[str]) -> np.ndarray:
@@ -61,3 +68,26 @@ def test_unknown_model_and_listing(front):
         client.embeddings.create(model="cls", input="x")
     assert sorted(m.id for m in client.models.list()) == ["cls", "emb"]
     assert [m.id for m in openai.OpenAI(base_url=front + "/models/emb/v1", api_key="x").models.list()] == ["emb"]
+
+
+def test_the_front_lists_every_model_with_its_state(stack, front):
+    """KServe's model repository extension (tritonclient's get_model_repository_index) and the front's own
+    /v2/models, from every group's readiness. Last in this module: it stops a group."""
+    import signal
+
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(front.removeprefix("http://"))
+    ready = {"version": "1", "state": "READY", "reason": ""}
+    assert sorted(client.get_model_repository_index(), key=lambda m: m["name"]) == \
+        [{"name": "cls", **ready}, {"name": "emb", **ready}]
+    models = httpx.get(f"{front}/v2/models", timeout=60).json()["models"]
+    assert sorted((m["name"], m["task"], m["groups"], m["ready_groups"]) for m in models) == \
+        [("cls", "text-classification", 1, 1), ("emb", "feature-extraction", 1, 1)]
+    [group] = [p for p in stack.procs if p.name == "cls-0"]
+    os.killpg(group.popen.pid, signal.SIGTERM)
+    group.popen.wait(30)
+    index = {m["name"]: m for m in client.get_model_repository_index()}
+    assert index["cls"]["state"] == "UNAVAILABLE" and index["emb"]["state"] == "READY"
+    only_ready = httpx.post(f"{front}/v2/repository/index", json={"ready": True}, timeout=60).json()
+    assert [m["name"] for m in only_ready] == ["emb"]

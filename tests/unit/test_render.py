@@ -247,7 +247,7 @@ def test_front_passes_nginx_t(tmp_path, variant):
 
 @needs_nginx
 @pytest.mark.parametrize("njs", [True, False])
-def test_openai_root_routes_by_the_body_with_njs_and_says_how_without(tmp_path, monkeypatch, njs):
+def test_openai_routing_and_the_model_listing_with_njs_and_without(tmp_path, monkeypatch, njs):
     from neuronserve import render
 
     if njs and not render.njs_module():
@@ -263,12 +263,18 @@ def test_openai_root_routes_by_the_body_with_njs_and_says_how_without(tmp_path, 
     assert [m["id"] for m in listing["data"]] == ["emb", "qa"]
     if njs:
         script = files[render.njs_script_path(layout)]
-        assert 'var MODELS = ["emb", "qa"];' in script and "internalRedirect" in script
+        models = json.loads(re.search(r"^var MODELS = (.*);$", script, re.M).group(1))
+        assert models == {"emb": {"task": "feature-extraction", "groups": ["emb-0", "emb-1", "emb-2"]},
+                          "qa": {"task": "question-answering", "groups": ["qa-0"]}}
         assert f'js_import neuronserve from "{render.njs_script_path(layout)}";' in text
-        assert "js_content neuronserve.embeddings;" in text
+        assert "js_content neuronserve.embeddings;" in text and "js_content neuronserve.repository;" in text
+        # each group's readiness, for the script's subrequests
+        assert "location = /_neuronserve/ready/qa-0 {\n        internal;\n        proxy_pass http://127.0.0.1:8103/v2" \
+            "/health/ready;" in text
     else:
         assert render.njs_script_path(layout) not in files and "js_" not in text
         assert "use http://<host>/models/<name>/v1 as the base URL" in text
+        assert "return 501 '{\"error\": \"listing the models with their state needs nginx\\'s njs" in text
     write_files(files)
     prepare_front(layout)
     # one model: the root goes to it, TEI's routes too
