@@ -1,7 +1,8 @@
 """The `openai` SDK, unchanged, against the nginx front: embeddings.create with strings, token arrays, base64 (the
 SDK's default) and dimensions, at a model's own base URL (/models/<name>/v1) and at the root, where the front
 sends the request to the model its body names (njs) when the host serves several. Answers equal the task JSON
-route's for the same text."""
+route's for the same text. On the same stack, the front's model listing (KServe's repository index, GET
+/v2/models)."""
 from __future__ import annotations
 
 import os
