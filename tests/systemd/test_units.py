@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from neuronserve import render
+
 pytestmark = [pytest.mark.systemd, pytest.mark.slow]
 
 LOAD = Path(__file__).parent / "load.py"
@@ -128,7 +130,9 @@ def test_apply_starts_the_target_and_groups_as_the_neuronserve_user(box):
     t0 = time.monotonic()
     r = neuronserve(box, "apply")
     FIGURES["first_apply_s"] = round(time.monotonic() - t0, 1)
-    assert "applied: 6 file(s) changed; started 2" in r.stdout, r.stdout
+    # two units, two gunicorn configs, the target, the front, and its njs script where njs is installed
+    files = 6 + (render.njs_module() is not None)
+    assert f"applied: {files} file(s) changed; started 2" in r.stdout, r.stdout
     assert box.run(["systemctl", "is-enabled", "neuronserve.target"]).stdout.strip() == "enabled"
     assert box.run(["systemctl", "is-active", "neuronserve.target", *UNITS]).stdout.split() == ["active"] * 3
     uid = box.run(["id", "-u", "neuronserve"]).stdout.strip()
@@ -169,6 +173,23 @@ def test_requests_through_nginx_reach_both_groups_and_status_reports_them(box):
         line = next(line for line in r.stdout.splitlines() if line.startswith(name))
         assert "active (running)" in line and f" {port} " in line and " yes " in line, r.stdout
     assert "neuronserve.target: active" in r.stdout
+
+
+def test_the_dialects_through_the_hosts_nginx(box):
+    """Under systemd, with the host's own nginx (njs from modules-enabled): the model listing, TEI's root routes of a
+    one-model host, OpenAI's model list."""
+    def post(path: str, body: dict) -> dict:
+        r = box.run(["curl", "-s", "--max-time", "10", "-H", "content-type: application/json", "-d", json.dumps(body),
+                     f"http://127.0.0.1:8080{path}"])
+        return json.loads(r.stdout)
+
+    if render.njs_module():
+        assert post("/v2/repository/index", {}) == [{"name": "tiny", "version": "1", "state": "READY", "reason": ""}]
+    answer = post("/predict", {"inputs": "a short sentence to classify"})      # TEI: every label, best first
+    assert sorted(a["label"] for a in answer) == ["NEGATIVE", "POSITIVE"]
+    assert answer[0]["score"] >= answer[1]["score"] and abs(sum(a["score"] for a in answer) - 1) < 1e-5
+    listing = json.loads(box.run(["curl", "-s", "--max-time", "10", "http://127.0.0.1:8080/v1/models"]).stdout)
+    assert [m["id"] for m in listing["data"]] == ["tiny"]
 
 
 def requests_served(box, port: int) -> float:
