@@ -89,7 +89,7 @@ class Executor:
                 since = copy.busy_since
                 if since is not None and now - since > self.stuck_after_s and self._release(copy, ran=False):
                     copy.retired = True
-                    copy.seat.release_borrowed()    # other groups' CPUs must not wait for a stuck batch
+                    copy.seat.abandon()     # other groups' CPUs must not wait for a stuck batch, nor see it busy
                     log.warning("copy %d stuck in one batch for %.0f s; loading a replacement", copy.index,
                                 now - since)
                     fresh = Copy(copy.index)

@@ -37,6 +37,7 @@ import re
 import struct
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
@@ -51,6 +52,8 @@ SLOT = struct.Struct("dddd")
 BUSY_BELOW = 0.75
 # a lent batch must take less than this share of the fastest own batch of its bucket for lending to go on
 FASTER = 0.9
+LENT_WINDOW = 8                 # lent batch times kept per bucket: the recent ones decide, not the first
+REVISIT = 64                    # lone batches a bucket runs on its own CPUs before it tries lending again
 SMOOTHING = 0.5                 # weight of the past in the owner's running means: a change of load shows at once
 CPU_FILE = re.compile(r"cpu(\d+)")
 
@@ -155,7 +158,8 @@ class Lending:
         self._busy_mean = self._gap_mean = 0.0
         self._last_end = 0.0
         self._own_best: dict[tuple[int, int], float] = {}
-        self._lent: dict[tuple[int, int], list[float]] = {}
+        self._lent: dict[tuple[int, int], deque[float]] = {}
+        self._refused: dict[tuple[int, int], int] = {}     # lone batches not lent since lending stopped
 
     def seat(self) -> "Seat":
         """The per-copy handle."""
@@ -167,14 +171,26 @@ class Lending:
         return sorted({int(m.group(1)) for m in found if m} - set(self.own))
 
     def lends(self, bucket: tuple[int, int]) -> bool:
-        lent = self._lent.get(bucket, ())
+        """Whether a lone batch of `bucket` borrows: it must be long enough to be worth it, and its recent lent
+        batches faster than its best on its own CPUs. Where they were not, every REVISIT-th lone batch tries
+        again, as the other groups' load (and so what a borrowed CPU gives) changes."""
         best = self._own_best.get(bucket)     # known from the warm-up on: every bucket runs there, own CPUs only
-        return best is not None and best >= self.min_batch_s and (len(lent) < 2 or min(lent) < FASTER * best)
+        if best is None or best < self.min_batch_s:
+            return False
+        lent = self._lent.get(bucket, ())
+        if len(lent) < 2 or min(lent) < FASTER * best:
+            self._refused.pop(bucket, None)
+            return True
+        refused = self._refused[bucket] = self._refused.get(bucket, 0) + 1
+        if refused < REVISIT:
+            return False
+        self._refused[bucket] = 0
+        return True
 
     def record(self, bucket: tuple[int, int], seconds: float, *, lent: bool) -> None:
         """One batch's time, for `lends`."""
         if lent:
-            self._lent.setdefault(bucket, []).append(seconds)
+            self._lent.setdefault(bucket, deque(maxlen=LENT_WINDOW)).append(seconds)
         elif seconds < self._own_best.get(bucket, float("inf")):
             self._own_best[bucket] = seconds
 
@@ -190,10 +206,12 @@ class Lending:
                     f.publish(self._busy_mean, self._gap_mean, self._last_end, now)
             return self._running
 
-    def _ended(self, now: float, bucket: tuple[int, int], seconds: float, lent: bool) -> None:
+    def _ended(self, now: float, bucket: tuple[int, int], seconds: float | None, lent: bool) -> None:
+        """A batch ended (`seconds` None: given up on, its time unknown)."""
         with self._lock:
             self._running -= 1
-            self.record(bucket, seconds, lent=lent)
+            if seconds is not None:
+                self.record(bucket, seconds, lent=lent)
             if self._running == 0:
                 self._busy_mean = SMOOTHING * self._busy_mean + (1 - SMOOTHING) * (now - self._since)
                 self._last_end = now
@@ -207,6 +225,8 @@ class Seat:
         self.own = [_CpuFile(lending.directory, c) for c in lending.own]
         self._others: dict[int, _CpuFile] = {}      # opened on first sight, kept open
         self.borrowed: list[_CpuFile] = []
+        self._bucket: tuple[int, int] | None = None  # the batch running, until its end is counted (once)
+        self._end_lock = threading.Lock()
 
     @contextmanager
     def run(self, bucket: tuple[int, int], *, lone: bool) -> Iterator[None]:
@@ -216,6 +236,7 @@ class Seat:
         # that wait made a loaded group look lendable, and two groups under load took turns borrowing each
         # other's CPU, each waiting out the other's lent batch
         running = lending._started(time.monotonic())
+        self._bucket = bucket
         held = [f for f in self.own if self._wait_shared(f)]
         started = time.monotonic()
         if lone and running == 1 and lending.lends(bucket):
@@ -233,15 +254,27 @@ class Seat:
                 lending.set_threads(lending.threads)
                 os.sched_setaffinity(0, lending.own)
             self.release_borrowed()
-            lending._ended(ended, bucket, ended - started, bool(borrowed))
+            self._end(ended, ended - started, bool(borrowed))
             for f in held:
                 f.unlock()
 
+    def abandon(self) -> None:
+        """The watchdog gave up on this copy's batch: give the borrowed CPUs back, and end the batch for the
+        group's load (a retired copy's batch counted as running kept the group busy for good, so that it never
+        lent or borrowed again); should the batch ever return, its end is not counted twice."""
+        self.release_borrowed()
+        self._end(time.monotonic(), None, False)
+
     def release_borrowed(self) -> None:
-        """Give the borrowed CPUs back; also called by the watchdog for a copy stuck in a lent batch."""
         borrowed, self.borrowed = self.borrowed, []
         for f in borrowed:
             f.unlock()
+
+    def _end(self, now: float, seconds: float | None, lent: bool) -> None:
+        with self._end_lock:
+            bucket, self._bucket = self._bucket, None
+        if bucket is not None:
+            self.lending._ended(now, bucket, seconds, lent)
 
     def _other(self, cpu: int) -> _CpuFile:
         f = self._others.get(cpu)
@@ -270,7 +303,7 @@ class _Unlent:
     def run(self, bucket, *, lone: bool):
         return nullcontext()
 
-    def release_borrowed(self) -> None:
+    def abandon(self) -> None:
         pass
 
 

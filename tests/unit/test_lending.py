@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from neuronserve.server.lending import SLOT, Lending, cpu_file
+from neuronserve.server.lending import LENT_WINDOW, REVISIT, SLOT, Lending, cpu_file
 
 CPUS = sorted(os.sched_getaffinity(0))
 pytestmark = pytest.mark.skipif(len(CPUS) < 2, reason="lending needs two CPUs")
@@ -193,14 +193,19 @@ def test_a_hung_borrower_costs_the_owner_at_most_its_patience(tmp_path):
         assert time.monotonic() - start < 0.3
 
 
-def test_the_watchdog_gives_back_a_stuck_copys_borrowed_cpus(groups):
+def test_the_watchdog_gives_back_a_stuck_copys_borrowed_cpus_and_ends_its_batch(groups):
     a, b = groups
     seat = a.seat()
     with seat.run(BUCKET, lone=True):
-        assert seat.borrowed
-        seat.release_borrowed()             # what the watchdog does for a copy stuck in this batch
+        assert seat.borrowed and a._running == 1
+        seat.abandon()                      # what the watchdog does for a copy stuck in this batch
+        assert a._running == 0              # the group no longer looks busy to the others
         with b.seat().run(BUCKET, lone=False):
             pass                            # b no longer waits
+    # the stuck batch returned after all: its end is not counted again, and its time is not a lent batch's
+    assert a._running == 0 and not a._lent.get(BUCKET)
+    with a.seat().run(BUCKET, lone=True):
+        assert os.sched_getaffinity(0) == {A_CPU, B_CPU}     # lends and borrows again
 
 
 def test_lending_stops_for_a_bucket_where_it_is_not_faster(groups):
@@ -221,3 +226,20 @@ def test_lending_stops_for_a_bucket_where_it_is_not_faster(groups):
     a.record((8, 32), 0.010, lent=False)                # too short: the thread pools' re-sizing costs more
     assert not a.lends((8, 32))
     assert a.lends((4, 128))
+
+
+def test_lending_decides_on_recent_lent_batches_and_tries_again(groups):
+    """The history of lent batches is a window, and a bucket that stopped lending tries again now and then: the
+    first fast lent batch does not decide for the worker's life, nor the first slow ones."""
+    a, _ = groups
+    a.record(BUCKET, 0.050, lent=False)
+    a.record(BUCKET, 0.030, lent=True)                  # one fast lent batch, long ago ...
+    for _ in range(LENT_WINDOW):
+        a.record(BUCKET, 0.049, lent=True)              # ... then the other group got busy: no longer faster
+    assert len(a._lent[BUCKET]) == LENT_WINDOW and not a.lends(BUCKET)
+    refusals = [a.lends(BUCKET) for _ in range(2 * REVISIT)]
+    # every REVISIT-th lone batch tries lending again (counting the refusal above)
+    assert [i for i, lends in enumerate(refusals) if lends] == [REVISIT - 2, 2 * REVISIT - 2]
+    for _ in range(LENT_WINDOW):
+        a.record(BUCKET, 0.030, lent=True)              # the other group is idle again: lending pays
+    assert a.lends(BUCKET)
