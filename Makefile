@@ -2,7 +2,7 @@
 #   make demo      compile the demo models for the CPU, serve 2 core groups behind nginx, benchmark, stop
 #   make test      the whole test suite, end-to-end, systemd and packaging tests included
 #   make packages  build dist/neuronserve_<ver>_<arch>.deb and dist/neuronserve-<ver>.<arch>.rpm
-#   make bench     side-by-side performance run (in-process ceiling, neuronserve, baseline server)
+#   make bench     side-by-side performance run (in-process ceiling, neuronserve, baseline server; each route)
 #   make docs      regenerate docs/neuronserve.1, neuronserve.toml.5, cli.md, configuration.md from the code
 
 PYTHON  ?= python3
@@ -57,6 +57,7 @@ packages: sysdeps $(STAMP)
 bench: sysdeps $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.routes
 
 # generated from neuronserve/cli.py and config.py, and committed: tests/unit/test_docs.py fails until they match
 docs: $(STAMP)

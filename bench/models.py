@@ -23,10 +23,12 @@ SEQ = 128
 BATCH_SIZES = {"bert-base": [1, 2, 4], "tiny": [1, 2, 4, 8, 16], "no-encoder": [1, 4, 16, 32]}
 
 
-def prepare(name: str, root: Path, *, log=print) -> Path:
-    """The compiled model directory of `name` under root/models (built and compiled unless already there)."""
+def prepare(name: str, root: Path, *, log=print, task: str = TASK, size: str | None = None) -> Path:
+    """The compiled model directory of `name` under root/models (built and compiled unless already there): a
+    `task` model of random_models.SIZES[size or name], compiled for BATCH_SIZES[size or name]."""
     out = root / "models" / name
-    wanted = BATCH_SIZES[name]
+    size = size or name
+    wanted = BATCH_SIZES[size]
     try:
         manifest = read_manifest(out, backend="cpu", verify=False)
         if manifest.batch_sizes == wanted and manifest.sequence_lengths == [SEQ]:
@@ -36,9 +38,9 @@ def prepare(name: str, root: Path, *, log=print) -> Path:
     source = root / "sources" / name
     if not (source / "config.json").is_file():
         log(f"  building random-init {name} in {source}")
-        random_models.build(source, TASK, **random_models.SIZES[name])
+        random_models.build(source, task, **random_models.SIZES[size])
     log(f"  compiling {name} for batch {wanted} x seq {SEQ}")
-    compile_model(source, out, name=name, task=TASK, backend="cpu", target="cpu", batch_sizes=wanted,
+    compile_model(source, out, name=name, task=task, backend="cpu", target="cpu", batch_sizes=wanted,
                   sequence_lengths=[SEQ])
     return out
 
