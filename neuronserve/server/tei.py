@@ -33,13 +33,13 @@ from typing import Literal
 
 import numpy as np
 import orjson
-import tokenizers
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from neuronserve import __version__, tasks
 from neuronserve.server.batcher import ServeError
 from neuronserve.server.router import APPLICATION_JSON, Answer, Call, Route
+from neuronserve.tasks.encoding import rust_tokenizer
 
 EMBEDDING, CLASSIFICATION = "feature-extraction", "text-classification"
 EMPTY, VALIDATION, TOKENIZER, BACKEND, OVERLOADED, UNHEALTHY = \
@@ -252,11 +252,8 @@ def register(app, model) -> list[Route]:
     manifest, settings = model.manifest, model.settings
     max_seq, vocab, max_items = model.batcher.max_seq, model.vocab_size, settings.max_queue
     classes = len(manifest.warmup.expected["logits"][0]) if model.task == CLASSIFICATION else 0
-    # the tokenizer /tokenize and /decode use, as TEI configures its own: no padding, no truncation (a copy:
-    # transformers re-configures the model's on each of its calls)
-    rust = tokenizers.Tokenizer.from_str(model.tokenizer.backend_tokenizer.to_str())
-    rust.no_padding()
-    rust.no_truncation()
+    # the tokenizer /tokenize and /decode use, as TEI configures its own: no padding, no truncation
+    rust = rust_tokenizer(model.tokenizer)
     info = {
         "model_id": manifest.source, "model_sha": None, "model_dtype": manifest.dtype,
         "model_type": _model_type(model.task, manifest, classes),

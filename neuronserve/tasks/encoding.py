@@ -173,9 +173,15 @@ def _backend(tokenizer, max_length: int | None, only_second: bool, direction: st
         return backend
 
 
+def rust_tokenizer(tokenizer):
+    """The Rust tokenizer of a transformers one, without padding or truncation (a copy: transformers configures
+    the shared one on each of its calls, and a tokenizer.json may ask for padding)."""
+    return _backend(tokenizer, None, False, None).full
+
+
 def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     """(the ids the tokenizer puts before one text's tokens, those it puts after): [CLS] and [SEP] for BERT, <s>
     and </s> for RoBERTa; read off an encoding of one word, so every post-processor is read the same way."""
-    encoding = _backend(tokenizer, None, False, None).full.encode("a")    # the shared one may pad
+    encoding = rust_tokenizer(tokenizer).encode("a")
     text = [i for i, s in enumerate(encoding.sequence_ids) if s == 0]
     return encoding.ids[:text[0]], encoding.ids[text[-1] + 1:]
