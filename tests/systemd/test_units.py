@@ -249,6 +249,26 @@ def test_apply_after_a_config_edit_under_load_loses_no_request(box):
     assert result["sent"] > 20 and result["failed"] == 0, f"{result}\n{nginx_says(box)}"
 
 
+def test_an_artifact_the_service_user_cannot_read_fails_the_start_with_one_line(box):
+    """Permission denied is a missing artifact's boot error: one line naming the file, exit 3, no restart loop
+    (RestartPreventExitStatus=3); readable again, the group starts."""
+    bucket = f"{REPO}/tiny/b4_s32.pt"
+    box.run(["chmod", "600", bucket])              # root's own: the neuronserve user may not read it
+    try:
+        box.run(["systemctl", "restart", UNITS[0]], check=False)
+        wait_until(lambda: prop(box, UNITS[0], "ActiveState") == "failed", 60, "tiny-0 to fail")
+        assert prop(box, UNITS[0], "ExecMainStatus") == "3"
+        journal = box.run(["journalctl", "-u", UNITS[0], "--no-pager", "-o", "cat", "-n", "40"]).stdout
+        [line] = [x for x in journal.splitlines() if "cannot start tiny-0" in x]
+        assert f"{bucket}: cannot read artifact: Permission denied" in line, journal
+        assert "Traceback" not in journal.split("cannot start tiny-0")[-1]
+    finally:
+        box.run(["chmod", "644", bucket])
+    box.run(["systemctl", "reset-failed", UNITS[0]])
+    box.run(["systemctl", "start", UNITS[0]])
+    wait_until(lambda: ready(box, PORTS[0]), 120, "tiny-0 ready again")
+
+
 def test_cleanup_leaves_nothing_behind(box):
     r = neuronserve(box, "cleanup")
     assert "stop" in r.stdout, r.stdout
