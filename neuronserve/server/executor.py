@@ -179,6 +179,8 @@ class Executor:
     def _run(self, runners: dict, buffers: dict, batch: Batch, busy, seat) -> None:
         entries = batch.entries
         items = [w.items[i] for w, i in entries]
+        now = time.monotonic()
+        waits = [now - w.t0 for w, _ in entries]
         started = time.perf_counter()
         bucket = (batch.batch, batch.seq)
         try:
@@ -191,7 +193,7 @@ class Executor:
             return
         finally:
             busy.inc(time.perf_counter() - started)
-        self.metrics.batch(len(items), batch.batch)
+        self.metrics.batch(len(items), bucket, sum(item.length for item in items), waits)
         live = [row for row, (work, _) in enumerate(entries) if not work.cancelled]
         wanted = [row for row in live if entries[row][0].options is not None]
         answers = dict.fromkeys(live)

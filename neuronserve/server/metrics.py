@@ -43,6 +43,16 @@ class Metrics:
         self._busy = make(Counter, "neuronserve_busy_seconds", "time each model copy spent executing batches",
                           ("copy",))
         self.inferences = make(Counter, "neuronserve_inferences", "items inferred").labels(**labels)
+        # padding waste = 1 - tokens / token_slots: what the bucket grid costs in compute
+        self.tokens = make(Counter, "neuronserve_tokens", "real tokens in executed batches").labels(**labels)
+        self.token_slots = make(Counter, "neuronserve_token_slots",
+                                "token positions executed (batch size x sequence length of each batch's bucket)"
+                                ).labels(**labels)
+        self.queue_time = make(Histogram, "neuronserve_queue_seconds",
+                               "time an item waited in the queue before its batch started",
+                               buckets=DURATION_BUCKETS).labels(**labels)
+        self._bucket_calls = make(Counter, "neuronserve_bucket_calls", "batches executed per compiled bucket",
+                                  ("bucket",))
         self.borrowed_batches = make(Counter, "neuronserve_borrowed_batches",
                                      "batches that also ran on CPUs borrowed from idle groups").labels(**labels)
         # `neuronserve apply` drains a group until this reaches 0 before it stops it
@@ -51,6 +61,7 @@ class Metrics:
         self.ready = make(Gauge, "neuronserve_ready", "1 once the warm-up gave the known answer").labels(**labels)
         self._labels = labels
         self._by_code: dict[int, Counter] = {}
+        self._by_bucket: dict[tuple[int, int], Counter] = {}
 
     def request(self, code: int, seconds: float) -> None:
         counter = self._by_code.get(code)
@@ -63,10 +74,21 @@ class Metrics:
         """The busy-seconds counter of one copy (created at zero so rates exist before the first batch)."""
         return self._busy.labels(copy=str(copy), **self._labels)
 
-    def batch(self, items: int, bucket_batch: int) -> None:
+    def batch(self, items: int, bucket: tuple[int, int], tokens: int, waits: list[float]) -> None:
+        """One executed batch: its real items and tokens in `bucket` (batch, sequence), and how long each item
+        had waited in the queue."""
+        batch, seq = bucket
         self.batch_size.observe(items)
-        self.batch_fill.observe(items / bucket_batch)
+        self.batch_fill.observe(items / batch)
         self.inferences.inc(items)
+        self.tokens.inc(tokens)
+        self.token_slots.inc(batch * seq)
+        for wait in waits:
+            self.queue_time.observe(wait)
+        counter = self._by_bucket.get(bucket)
+        if counter is None:
+            counter = self._by_bucket[bucket] = self._bucket_calls.labels(bucket=f"{batch}x{seq}", **self._labels)
+        counter.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

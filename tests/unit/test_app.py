@@ -192,8 +192,17 @@ def test_metrics_count_requests_batches_and_readiness(cls):
                  "neuronserve_batch_fill_bucket{", 'neuronserve_busy_seconds_total{copy="0",',
                  'neuronserve_busy_seconds_total{copy="1",', "neuronserve_inferences_total{"):
         assert line in text, line
-    inferred = next(float(x.split()[-1]) for x in text.splitlines() if x.startswith("neuronserve_inferences_total"))
-    assert inferred >= 2
+    def value(name: str) -> float:
+        return next(float(x.split()[-1]) for x in text.splitlines() if x.startswith(name))
+
+    assert value("neuronserve_inferences_total") >= 2
+    # padding waste: the real tokens of "a" and "b" ([CLS] x [SEP]: 3 each) against the bucket's slots
+    assert value("neuronserve_tokens_total") >= 6 and value("neuronserve_token_slots_total") >= 32
+    assert value("neuronserve_tokens_total") <= value("neuronserve_token_slots_total")
+    assert value("neuronserve_queue_seconds_count") >= 2 and value("neuronserve_queue_seconds_sum") >= 0
+    calls = [x for x in text.splitlines() if x.startswith("neuronserve_bucket_calls_total{")]
+    assert calls and all('bucket="' in x for x in calls)
+    assert sum(float(x.split()[-1]) for x in calls) == value("neuronserve_batch_size_count")
 
 
 def test_not_ready_while_loading(artifacts):
