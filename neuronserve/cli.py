@@ -307,9 +307,10 @@ def top_cmd(config_path, backend, interval, once, as_json):
     Cores: utilization and device memory from neuron-monitor (Neuron), nvidia-smi
     (CUDA) or /proc/stat (CPU). Groups, from each one's /metrics over the last
     interval: requests/s, p99 latency, queue depth, batch fill (items per bucket
-    batch), busy (fraction of time the model copies were executing), errors/s and
-    state (ready after the known-answer warm-up). A group whose /metrics does not
-    answer shows as down. Quit with Ctrl-C.
+    batch), padding (share of the executed token positions that were padding),
+    busy (fraction of time the model copies were executing), errors/s and state
+    (ready after the known-answer warm-up). A group whose /metrics does not answer
+    shows as down. Quit with Ctrl-C.
     """
     from rich.console import Console
 

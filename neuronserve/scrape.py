@@ -3,7 +3,7 @@
 The server exports, labelled model and group (see the server's metrics): neuronserve_requests_total{code},
 neuronserve_request_duration_seconds (histogram), neuronserve_queue_depth, neuronserve_batch_fill
 (histogram), neuronserve_busy_seconds_total{copy}, neuronserve_inferences_total, neuronserve_requests_in_flight,
-neuronserve_ready.
+neuronserve_ready, neuronserve_tokens_total and neuronserve_token_slots_total (padding waste).
 Counters only mean something as a difference between two scrapes: `rates(before, after)`.
 """
 from __future__ import annotations
@@ -32,6 +32,8 @@ class Counters:
     busy_seconds: float = 0.0                   # summed over copies
     copies: int = 0
     inferences: float = 0.0
+    tokens: float = 0.0                         # real tokens in executed batches
+    token_slots: float = 0.0                    # token positions executed (padding included)
     in_flight: float | None = None
     ready: float | None = None
 
@@ -63,6 +65,10 @@ def parse(text: str) -> Counters:
                 busy_copies.add((labels.get("group"), labels.get("copy")))
             elif name == "inferences_total":
                 c.inferences += value
+            elif name == "tokens_total":
+                c.tokens += value
+            elif name == "token_slots_total":
+                c.token_slots += value
             elif name == "requests_in_flight":
                 c.in_flight = (c.in_flight or 0.0) + value
             elif name == "ready":
@@ -85,6 +91,7 @@ class Rates:
     batch_fill: float | None    # mean items / bucket batch size of the batches executed
     busy: float | None          # mean fraction of time each copy spent executing (0..1)
     ready: float | None
+    padding: float | None = None    # share of the executed token positions that were padding (0..1)
 
 
 def rates(before: Counters, after: Counters, dt: float) -> Rates:
@@ -101,9 +108,11 @@ def rates(before: Counters, after: Counters, dt: float) -> Rates:
     fills = delta(before.fill_count, after.fill_count)
     fill = delta(before.fill_sum, after.fill_sum) / fills if fills > 0 else None
     busy = (delta(before.busy_seconds, after.busy_seconds) / dt / after.copies) if after.copies else None
+    slots = delta(before.token_slots, after.token_slots)
+    padding = 1.0 - delta(before.tokens, after.tokens) / slots if slots > 0 else None
     return Rates(rps=done / dt, errors_ps=errors / dt, p99_s=histogram_quantile(0.99, buckets),
                  queue_depth=after.queue_depth, batch_fill=fill,
-                 busy=None if busy is None else min(max(busy, 0.0), 1.0), ready=after.ready)
+                 busy=None if busy is None else min(max(busy, 0.0), 1.0), ready=after.ready, padding=padding)
 
 
 def fetch_text(url: str, timeout_s: float = 1.0) -> str:

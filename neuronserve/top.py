@@ -2,7 +2,7 @@
 
 A `Top` takes one snapshot per period: the device sampler (monitor.py: neuron-monitor, nvidia-smi or
 /proc/stat) for the cores, and each group's /metrics (scrape.py) for requests/s, p99, queue depth, batch
-fill and busy fraction, as differences from the previous snapshot. `render` lays a snapshot out for a
+fill, padding share and busy fraction, as differences from the previous snapshot. `render` lays a snapshot out for a
 terminal of a given size: cores in a grid whose cells shrink until every core fits, then one line per group.
 """
 from __future__ import annotations
@@ -151,8 +151,9 @@ def _core_lines(device: DeviceSample, width: int, max_rows: int) -> list[Text]:
     return lines
 
 
-_GROUP_COLS = (("GROUP", 16, "<"), ("CORES", 7, "<"), ("REQ/S", 8, ">"), ("P99 ms", 8, ">"), ("QUEUE", 6, ">"),
-               ("FILL", 5, ">"), ("BUSY", 5, ">"), ("ERR/S", 6, ">"), ("STATE", 6, "<"))
+# PAD: the share of executed token positions that were padding (the bucket grid's cost)
+_GROUP_COLS = (("GROUP", 15, "<"), ("CORES", 7, "<"), ("REQ/S", 8, ">"), ("P99 ms", 8, ">"), ("QUEUE", 6, ">"),
+               ("FILL", 5, ">"), ("PAD", 4, ">"), ("BUSY", 5, ">"), ("ERR/S", 6, ">"), ("STATE", 6, "<"))
 
 
 def _fit(s: str, width: int, align: str) -> str:
@@ -163,7 +164,7 @@ def _fit(s: str, width: int, align: str) -> str:
 def _group_line(row: GroupRow) -> Text:
     r = row.rates
     if row.error:
-        cells = [row.name, row.cores, "", "", "", "", "", "", "down"]
+        cells = [row.name, row.cores, "", "", "", "", "", "", "", "down"]
     else:
         def num(x, fmt):
             return "-" if x is None else format(x, fmt)
@@ -173,7 +174,7 @@ def _group_line(row: GroupRow) -> Text:
 
         state = "…" if r is None else {1.0: "ready", 0.0: "warmup"}.get(r.ready, "?")
         cells = [row.name, row.cores, num(r and r.rps, ".1f"), num(r and r.p99_s and r.p99_s * 1000, ".1f"),
-                 num(r and r.queue_depth, ".0f"), frac(r and r.batch_fill), frac(r and r.busy),
+                 num(r and r.queue_depth, ".0f"), frac(r and r.batch_fill), frac(r and r.padding), frac(r and r.busy),
                  num(r and r.errors_ps, ".1f"), state]
     text = Text(" ".join(_fit(str(c), w, a) for c, (_, w, a) in zip(cells, _GROUP_COLS)))
     if row.error:

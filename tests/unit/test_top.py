@@ -155,19 +155,23 @@ class FakeGroups:
                  Gauge("neuronserve_queue_depth", "", list(lab), registry=reg),
                  Histogram("neuronserve_batch_fill", "", list(lab), registry=reg, buckets=(0.5, 1.0)),
                  Counter("neuronserve_busy_seconds_total", "", list(lab) + ["copy"], registry=reg),
-                 Gauge("neuronserve_ready", "", list(lab), registry=reg))
+                 Gauge("neuronserve_ready", "", list(lab), registry=reg),
+                 Counter("neuronserve_tokens_total", "", list(lab), registry=reg),
+                 Counter("neuronserve_token_slots_total", "", list(lab), registry=reg))
             m[5].labels(**lab).set(1)
             self.regs[n] = (reg, m, lab)
 
     def fetch(self, url: str) -> str:
         name = url.split("/")[2]
-        reg, (req, dur, queue, fill, busy, ready), lab = self.regs[name]
+        reg, (req, dur, queue, fill, busy, ready, tokens, slots), lab = self.regs[name]
         req.labels(code="200", **lab).inc(100)
         for _ in range(100):
             dur.labels(**lab).observe(0.004)
         queue.labels(**lab).set(2)
         fill.labels(**lab).observe(0.75)
         busy.labels(copy="0", **lab).inc(0.5)
+        tokens.labels(**lab).inc(300)        # of 400 token positions executed: a quarter was padding
+        slots.labels(**lab).inc(400)
         return generate_latest(reg).decode()
 
 
@@ -190,6 +194,7 @@ def test_top_renders_every_core_and_group_of_an_inf2_24xlarge_in_80x24():
     snap = t.snapshot()
     r = snap.groups[0].rates
     assert r.rps == 100.0 and r.queue_depth == 2 and r.batch_fill == 0.75 and r.busy == 0.5 and r.ready == 1
+    assert r.padding == 0.25
     assert r.p99_s == pytest.approx(0.005 * 0.99)     # rank 99 of 100 inside the (0, 5 ms] bucket
     lines = render_text(snap)
     assert len(lines) <= 24 and max(map(len, lines)) <= 80
@@ -198,7 +203,7 @@ def test_top_renders_every_core_and_group_of_an_inf2_24xlarge_in_80x24():
         assert f"nc{i} " in text and f"bert-{i} " in text
     assert "98%" in text and "16G" in text
     row = next(line for line in lines if line.startswith("bert-3 "))
-    assert row.split()[2:] == ["100.0", f"{r.p99_s * 1000:.1f}", "2", "75%", "50%", "0.0", "ready"]
+    assert row.split()[2:] == ["100.0", f"{r.p99_s * 1000:.1f}", "2", "75%", "25%", "50%", "0.0", "ready"]
 
 
 def test_top_marks_an_unreachable_group_down_and_shows_tool_errors():
