@@ -272,12 +272,9 @@ def _embedding_options(source: Path, width: int, longest: int = 0) -> tuple[dict
     refused by name: the traced model would not compute what sentence-transformers does.
     """
     path = source / "modules.json"
-    try:
-        modules = json.loads(path.read_text())
-    except FileNotFoundError:
+    modules = _read_json(path, optional=True)
+    if modules is None:
         return {"pooling": "mean", "normalize": False}, []
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path}: unreadable: {e}") from None
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         raise ArtifactError(f"{path}: unreadable: not a list of modules")
     options, dense, records, done = {"pooling": "mean", "normalize": False}, [], [], -1
@@ -316,12 +313,9 @@ def _transformer(directory: Path, source: Path, where: str, longest: int) -> Non
         raise ArtifactError(f"{where}: the transformer lives in {directory}, not beside modules.json where "
                             "compile reads it")
     path = directory / "sentence_bert_config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
+    config = _read_json(path, optional=True)
+    if config is None:
         return
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path}: unreadable: {e}") from None
     # newer sentence-transformers can take another head's outputs (fill-mask logits for sparse encoders)
     kind = config.get("transformer_task", "feature-extraction") if isinstance(config, dict) else None
     if kind != "feature-extraction":
@@ -336,10 +330,7 @@ def _transformer(directory: Path, source: Path, where: str, longest: int) -> Non
 
 def _pooling(path: Path) -> str:
     """The one pooling mode of a sentence-transformers Pooling config (either format)."""
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path}: unreadable pooling config: {e}") from None
+    config = _read_json(path, "pooling config")
     modes = config.get("pooling_mode")
     if modes is None:
         # the older format; sentence-transformers pools by mean when no flag is on
@@ -359,10 +350,10 @@ def _dense(directory: Path, width: int):
     import torch
 
     path = directory / "config.json"
+    config = _read_json(path, "Dense config")
     try:
-        config = json.loads(path.read_text())
         in_features, out_features = int(config["in_features"]), int(config["out_features"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise ArtifactError(f"{path}: unreadable Dense config: {e!r}") from None
     for key, plain in (("use_residual", False), ("module_input_name", "sentence_embedding"),
                        ("module_output_name", "sentence_embedding")):
@@ -390,6 +381,17 @@ def _dense(directory: Path, width: int):
                             f"layer: {e}") from None
     return (torch.nn.Sequential(linear, kind()).float().eval(),
             {"in_features": in_features, "out_features": out_features, "activation": activation})
+
+
+def _read_json(path: Path, what: str = "", *, optional: bool = False):
+    """A sentence-transformers JSON file's content; None for a missing `optional` one. ArtifactError naming the
+    file (and `what` it is) when it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        if optional and isinstance(e, FileNotFoundError):
+            return None
+        raise ArtifactError(f"{path}: unreadable{' ' + what if what else ''}: {e}") from None
 
 
 def _weights(directory: Path) -> dict:
