@@ -328,7 +328,7 @@ def _document(app: FastAPI, routes: list[Route]) -> dict:
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     ref = "#/components/schemas/{model}"
-    for body in {r.body for r in routes}:
+    for body in dict.fromkeys(r.body for r in routes):     # in route order: the same document every time
         doc = body.model_json_schema(ref_template=ref)
         components.update(doc.pop("$defs", {}))
         components[body.__name__] = doc

@@ -55,6 +55,7 @@ def register(app, model) -> list[Route]:
     """Add GET /v1/models (and under the model's prefix) to the FastAPI `app`; the POST routes for the router."""
     listing = {"object": "list", "data": [{"id": model.name, "object": "model", "created": CREATED,
                                            "owned_by": "neuronserve"}]}
+    specials = special_tokens(model.tokenizer)      # put around token id inputs, as around text
 
     @app.get("/v1/models")
     @app.get("/models/{name}/v1/models")
@@ -82,7 +83,7 @@ def register(app, model) -> list[Route]:
         if req.input == []:
             raise ProtocolError("input: an empty list")
         if _is_tokens(req.input):
-            items = _token_items(model, req.input)
+            items = _token_items(model, req.input, specials)
             work = await model.infer(items, tokenize=False, options=options, deadline=deadline,
                                      disconnected=call.disconnected)
         else:
@@ -111,11 +112,11 @@ def _is_tokens(value) -> bool:
     return isinstance(value, list) and bool(value) and not isinstance(value[0], str)
 
 
-def _token_items(model, value: list) -> list[tasks.Encoded]:
-    """Token id inputs -> unpadded items, the tokenizer's special tokens around them as it puts them around text."""
+def _token_items(model, value: list, specials: tuple[list[int], list[int]]) -> list[tasks.Encoded]:
+    """Token id inputs -> unpadded items, `specials` (the ids before and after a text's tokens) around them."""
     rows = value if isinstance(value[0], list) else [value]
     vocab, max_seq = len(model.tokenizer), model.batcher.max_seq
-    before, after = special_tokens(model.tokenizer)
+    before, after = specials
     room = max_seq - len(before) - len(after)
     items = []
     for i, ids in enumerate(rows):
