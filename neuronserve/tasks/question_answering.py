@@ -48,11 +48,10 @@ class QuestionAnswering(Task):
         seq = outputs[0].shape[1]
         position = np.arange(seq)
         outside = (position < np.array(first)[:, None]) | (position >= np.array(stop)[:, None])        # [k, seq]
-        lengths = np.array([item.length for item in items])[:, None]
-        ids = np.zeros((k, seq), dtype=np.int64)
+        ids = np.full((k, seq), -1, dtype=np.int64)      # padding is no token id, so never the CLS one
         for row, item in enumerate(items):
             ids[row, :item.length] = item.ids["input_ids"]
-        is_cls = (ids == cls) & (position < lengths) if cls is not None else np.zeros((k, seq), dtype=bool)
+        is_cls = ids == cls if cls is not None else np.zeros((k, seq), dtype=bool)
         # softmax of start and end logits (rows 0 and 1) over each item's context tokens and its CLS token
         x = np.asarray(outputs[:2], dtype=np.float64)[:, :k]
         x[:, outside & ~is_cls] = -np.inf
