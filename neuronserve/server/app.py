@@ -13,11 +13,8 @@ Routes (every error body is {"error": "<message>"}):
     POST /models/{m}, POST /              Hugging Face task JSON: {"inputs": ...} -> decoded answers
     GET  /metrics                         Prometheus text format
 
-KServe v2 inputs are either token tensors (INT64 input_ids [n, s], optional attention_mask and token_type_ids
-of the same shape) or text: one BYTES input of n strings (question-answering: n JSON objects
-'{"question": ..., "context": ...}', or two BYTES inputs named question and context). Outputs: the model's raw
-FP32 tensors named as manifest.output_names and, for text, a BYTES "answer" holding each item's decoded answer
-as a JSON string.
+KServe v2's inputs and outputs are kserve_v2.py's; with NEURONSERVE_GRPC_PORT the worker serves them over gRPC
+too (grpc_service.py), from the same model and batcher.
 
 Status codes: 400 malformed request, 404 unknown model, 413 more items than the queue holds, 422 input the model
 cannot take (empty or over-long text, token ids out of range), 503 not ready or queue full (Retry-After), 504 no
@@ -33,7 +30,6 @@ import sys
 from contextlib import asynccontextmanager
 from typing import Any
 
-import numpy as np
 import orjson
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -44,6 +40,8 @@ from neuronserve.config import parse_core_list
 from neuronserve.errors import ConfigError, NeuronserveError
 from neuronserve.server import openai, tei
 from neuronserve.server.batcher import ServeError
+from neuronserve.server.grpc_service import GrpcService
+from neuronserve.server.kserve_v2 import VERSION, KServeV2
 from neuronserve.server.model import ServedModel
 from neuronserve.server.protocol import HEADER_LENGTH, InferRequest, ProtocolError, TaskRequest, encode_response, \
     parse_infer_request
@@ -55,8 +53,6 @@ log = logging.getLogger("neuronserve.server")
 
 BOOT_ERROR = 3      # gunicorn's WORKER_BOOT_ERROR: the master stops (and systemd sees the unit fail) instead of
                     # respawning a worker that cannot start
-VERSION = "1"       # a group serves one compiled version of its model
-ANSWER = "answer"   # the BYTES output carrying decoded answers for text inputs
 
 
 class JSONResponse(Response):
@@ -134,7 +130,10 @@ def _pin(settings: ServerSettings) -> None:
 
 def build_app(model: ServedModel) -> FastAPI:
     settings, manifest = model.settings, model.manifest
-    spec = tasks.get(model.task)
+
+    v2 = KServeV2(model)
+    lookup, metadata = v2.lookup, v2.metadata
+    grpc = GrpcService(v2, settings.grpc_port, settings.grpc_front) if settings.grpc_port else None
 
     @asynccontextmanager
     async def lifespan(app):
@@ -142,36 +141,18 @@ def build_app(model: ServedModel) -> FastAPI:
         log.info("%s: serving %s (%s, %s) from %s with %d copies x %d threads, buckets %s", settings.group,
                  model.name, model.task, settings.backend, settings.model_dir, settings.copies, settings.threads,
                  " ".join(f"{b.batch}x{b.seq}" for b in manifest.buckets))
+        if grpc is not None:
+            await grpc.start()
         try:
             yield
         finally:
+            if grpc is not None:    # calls in flight may take as long as a request may
+                await grpc.stop(settings.timeout_s)
             model.close()
 
     app = App(title="neuronserve", version=__version__, lifespan=lifespan, default_response_class=JSONResponse,
               docs_url=None, redoc_url=None)
     app.state.model = model
-
-    def lookup(name: str, version: str | None = None) -> ServedModel:
-        if name != model.name:
-            raise ServeError(404, f"unknown model {name!r}; this server serves {model.name!r}")
-        if version not in (None, VERSION):
-            raise ServeError(404, f"unknown version {version!r} of {name!r}; it has version {VERSION}")
-        return model
-
-    # ---------------------------------------------------------------- health and metadata
-
-    text_inputs = list(spec.pair_names or ())
-    metadata = {
-        "name": model.name, "versions": [VERSION], "platform": f"neuronserve_{settings.backend}",
-        "inputs": [{"name": n, "datatype": "INT64", "shape": [-1, -1]} for n in manifest.input_names]
-        + [{"name": n, "datatype": "BYTES", "shape": [-1]} for n in ["text"] + text_inputs],
-        "outputs": [{"name": n, "datatype": "FP32", "shape": _output_shape(manifest, n, spec.per_token)}
-                    for n in manifest.output_names] + [{"name": ANSWER, "datatype": "BYTES", "shape": [-1]}],
-        "parameters": {"task": model.task, "group": settings.group, "copies": settings.copies,
-                       "buckets": [[b.batch, b.seq] for b in manifest.buckets], "labels": manifest.labels,
-                       "architecture": manifest.architecture, "task_parameters": list(spec.parameters)},
-    }
-
 
     @app.get("/v2/health/live")
     async def live():
@@ -218,33 +199,9 @@ def build_app(model: ServedModel) -> FastAPI:
     async def infer_v2(call: Call) -> Answer:
         lookup(call.name, call.version)
         req, tensors = parse_infer_request(call.body, call.header(HEADER_LENGTH))
-        text = {n: t for n, t in tensors.items() if t.dtype == object}
-        if text and len(text) != len(tensors):
-            raise ProtocolError("send either text (BYTES) or token tensors (INT64), not both")
-        available = list(manifest.output_names) + ([ANSWER] if text else [])
-        wanted = [o.name for o in req.outputs] if req.outputs else available
-        unknown = [n for n in wanted if n not in available]
-        if unknown:
-            raise ProtocolError(f"unknown output(s) {', '.join(unknown)}; this request can have "
-                                f"{', '.join(available)}")
-        deadline = call.t0 + settings.timeout_s
-        request = None
-        if text:
-            parameters = {k: v for k, v in (req.parameters or {}).items() if k not in V2_PARAMETERS}
-            request = tasks.parse(model.task, _texts(text, spec.pair_names), parameters, manifest)
-            work = await model.infer(request.items, tokenize=True, options=request.options, deadline=deadline,
-                                     disconnected=call.disconnected)
-        else:
-            work = await model.infer(model.tensor_items(tensors), tokenize=False, options=None, deadline=deadline,
-                                     disconnected=call.disconnected)
-        outputs = model.outputs(work)
-        if request is not None:
-            finished = request.finish(work.answers)     # one answer per input
-            answers = np.empty(len(finished), dtype=object)
-            answers[:] = [orjson.dumps(a).decode() for a in finished]
-            outputs[ANSWER] = answers
-        body, headers = encode_response(model.name, VERSION, req.id, {n: outputs[n] for n in wanted},
-                                        req.binary_outputs())
+        outputs = await v2.infer(tensors, [o.name for o in req.outputs] if req.outputs else None, req.parameters,
+                                 call.t0 + settings.timeout_s, call.disconnected)
+        body, headers = encode_response(model.name, VERSION, req.id, outputs, req.binary_outputs())
         if headers:
             return 200, body, OCTET_STREAM, [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         return 200, body, APPLICATION_JSON, []
@@ -289,9 +246,6 @@ class App(FastAPI):
 
 
 TASK_KEYS = ("inputs", "parameters", "options")
-# KServe v2 / Triton request parameters that are the protocol's, not the task's
-V2_PARAMETERS = frozenset({"binary_data_output", "sequence_id", "sequence_start", "sequence_end", "priority",
-                           "timeout", "headers"})
 
 
 def _task_inputs(body: bytes) -> tuple:
@@ -354,27 +308,3 @@ RESPONSES = {"200": "the answers", "400": "malformed request", "404": "unknown m
              "413": "more items than the queue holds", "422": "input the model cannot take",
              "499": "the client disconnected", "503": "not ready or queue full (Retry-After)",
              "504": "no answer within timeout_s"}
-
-
-def _texts(text: dict[str, np.ndarray], pair_names: tuple[str, str] | None) -> list:
-    """BYTES inputs -> the `inputs` tasks.parse takes: one input's strings, or two inputs named as the task's pair
-    (question and context, text and text_pair) zipped into pairs."""
-    if pair_names and set(text) == set(pair_names):
-        a, b = (text[n].ravel() for n in pair_names)
-        if a.size != b.size:
-            raise ProtocolError(f"{pair_names[0]} has {a.size} elements, {pair_names[1]} {b.size}: they pair up "
-                                "one to one")
-        return [dict(zip(pair_names, p)) for p in zip(a.tolist(), b.tolist())]
-    if len(text) != 1:
-        also = f" (or two named {' and '.join(pair_names)})" if pair_names else ""
-        raise ProtocolError(f"text goes in one BYTES input{also}; got {', '.join(sorted(text))}")
-    return next(iter(text.values())).ravel().tolist()
-
-
-def _output_shape(manifest, name: str, per_token: bool) -> list[int]:
-    """[-1 (items), -1 (tokens) if per token, then the fixed sizes], from the warm-up's expected rows."""
-    rows = manifest.warmup.expected.get(name) if manifest.warmup else None
-    if not rows:
-        return [-1, -1]
-    shape = list(np.asarray(rows[0]).shape)
-    return [-1, -1, *shape[1:]] if per_token else [-1, *shape]

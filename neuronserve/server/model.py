@@ -62,6 +62,7 @@ class ServedModel:
                                  lending=lending.for_group(settings, self.metrics.borrowed_batches.inc))
         self._tokenizer_thread = TokenizerThread(self.task, self.tokenizer, self.batcher, settings.truncation)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._became_ready: asyncio.Event | None = None
         self._state_lock = threading.Lock()
         self._warmed = False     # every copy passed the warm-up once (a replacement loading later keeps it)
         self.ready = False
@@ -72,8 +73,13 @@ class ServedModel:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start loading and warming the copies in their threads; `ready` turns true when all pass."""
         self._loop = loop
+        self._became_ready = asyncio.Event()
         self._tokenizer_thread.start(loop)
         self.executor.start(loop)
+
+    async def wait_ready(self) -> None:
+        """Returns once every copy passed the warm-up (at once if that happened already)."""
+        await self._became_ready.wait()
 
     def close(self) -> None:
         self.executor.stop()
@@ -95,6 +101,10 @@ class ServedModel:
                 self.reason = f"loading: {loaded} of {len(copies)} copies warmed up"
             self.metrics.ready.set(1 if self.ready else 0)
         if self.ready and not was:
+            try:
+                self._loop.call_soon_threadsafe(self._became_ready.set)
+            except RuntimeError:    # the loop closed: the worker is stopping
+                pass
             log.info("%s ready: %d copies passed the known-answer warm-up", self.settings.group, len(copies))
 
     # ---------------------------------------------------------------- the request path

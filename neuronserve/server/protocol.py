@@ -123,7 +123,7 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[InferRe
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise ProtocolError(f"input {inp.name!r}: binary_data_size {size!r} runs past the body")
-            tensors[inp.name] = _from_binary(inp, binary[offset:offset + size])
+            tensors[inp.name] = from_binary(inp, binary[offset:offset + size])
             offset += size
         else:
             tensors[inp.name] = _from_json(inp)
@@ -142,28 +142,37 @@ def _check_header(inp: InferInput) -> np.dtype:
 
 
 def _from_json(inp: InferInput) -> np.ndarray:
-    dtype = _check_header(inp)
     if inp.data is None:
+        _check_header(inp)
         raise ProtocolError(f"input {inp.name!r}: no data")
     data = inp.data if isinstance(inp.data, list) else [inp.data]
     if inp.datatype == "BYTES":
-        flat = _flatten_strings(data, inp.name)
-        array = np.empty(len(flat), dtype=object)
-        array[:] = flat
-    else:
-        try:
-            array = np.asarray(data)
-        except ValueError:
-            raise ProtocolError(f"input {inp.name!r}: ragged data (rows of different lengths)") from None
-        kinds = next(v for k, v in _KINDS.items() if inp.datatype.startswith(k))
-        if array.size and array.dtype.kind not in kinds:
-            raise ProtocolError(f"input {inp.name!r}: {inp.datatype} data must be "
-                                f"{'booleans' if kinds == 'b' else 'numbers'}, got {array.dtype.kind!r} values")
-        if array.dtype.kind in "iu" and dtype.kind in "iu" and array.size and (
-                array.min() < np.iinfo(dtype).min or array.max() > np.iinfo(dtype).max):
-            raise ProtocolError(f"input {inp.name!r}: values outside the {inp.datatype} range")
-        array = array.astype(dtype, copy=False).ravel()
-    return _reshape(array, inp)
+        _check_header(inp)
+        return from_values(inp, _flatten_strings(data, inp.name))
+    try:
+        array = np.asarray(data)
+    except ValueError:
+        raise ProtocolError(f"input {inp.name!r}: ragged data (rows of different lengths)") from None
+    return from_values(inp, array)
+
+
+def from_values(inp: InferInput, values) -> np.ndarray:
+    """The tensor `inp` describes from its values (JSON's, flattened or nested, or gRPC's typed contents): kinds
+    and integer ranges checked against the datatype, BYTES given as str."""
+    dtype = _check_header(inp)
+    if inp.datatype == "BYTES":
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+        return _reshape(array, inp)
+    array = np.asarray(values)
+    kinds = next(v for k, v in _KINDS.items() if inp.datatype.startswith(k))
+    if array.size and array.dtype.kind not in kinds:
+        raise ProtocolError(f"input {inp.name!r}: {inp.datatype} data must be "
+                            f"{'booleans' if kinds == 'b' else 'numbers'}, got {array.dtype.kind!r} values")
+    if array.dtype.kind in "iu" and dtype.kind in "iu" and array.size and (
+            array.min() < np.iinfo(dtype).min or array.max() > np.iinfo(dtype).max):
+        raise ProtocolError(f"input {inp.name!r}: values outside the {inp.datatype} range")
+    return _reshape(array.astype(dtype, copy=False).ravel(), inp)
 
 
 def _flatten_strings(data: list, name: str) -> list[str]:
@@ -182,7 +191,8 @@ def _flatten_strings(data: list, name: str) -> list[str]:
     return out
 
 
-def _from_binary(inp: InferInput, raw: bytes) -> np.ndarray:
+def from_binary(inp: InferInput, raw: bytes) -> np.ndarray:
+    """The tensor `inp` describes from its raw bytes (little-endian; BYTES elements length-prefixed)."""
     dtype = _check_header(inp)
     if inp.datatype == "BYTES":
         flat, pos = [], 0
@@ -214,9 +224,12 @@ def _reshape(array: np.ndarray, inp: InferInput) -> np.ndarray:
     return array.reshape(inp.shape)
 
 
-def _bytes_tensor(values: np.ndarray) -> bytes:
+def raw_bytes(array: np.ndarray) -> bytes:
+    """A tensor's raw form: little-endian, BYTES elements each a 4-byte length and the bytes."""
+    if array.dtype != object:
+        return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
     parts = []
-    for v in values.ravel():
+    for v in array.ravel():
         b = v if isinstance(v, bytes) else str(v).encode("utf-8")
         parts.append(struct.pack("<I", len(b)))
         parts.append(b)
@@ -230,8 +243,7 @@ def encode_response(model: str, version: str, request_id: str | None, outputs: d
     for name, array in outputs.items():
         out: dict[str, Any] = {"name": name, "datatype": datatype_of(array), "shape": list(array.shape)}
         if binary is True or (binary and name in binary):
-            raw = _bytes_tensor(array) if array.dtype == object else np.ascontiguousarray(array).astype(
-                array.dtype.newbyteorder("<"), copy=False).tobytes()
+            raw = raw_bytes(array)
             out["parameters"] = {"binary_data_size": len(raw)}
             tail.append(raw)
         elif array.dtype == object:

@@ -115,7 +115,7 @@ class Dispatch:
                 body = await _body(receive)
                 status, body, content_type, headers = await handler(Call(t0, scope, body, name, version, receive))
             except Exception as e:
-                status, message, retry_after = _status(e)
+                status, message, retry_after = status_of(e)
                 body, content_type = error(status, message), APPLICATION_JSON
                 if retry_after:
                     headers = [(b"retry-after", b"%d" % retry_after)]
@@ -130,7 +130,7 @@ class Dispatch:
         return asgi
 
 
-def _status(e: Exception) -> tuple[int, str, int | None]:
+def status_of(e: Exception) -> tuple[int, str, int | None]:
     """(HTTP status, message for the client, Retry-After) of a failed request."""
     if isinstance(e, ServeError):
         return e.status, str(e), e.retry_after

@@ -34,6 +34,9 @@ class ServerSettings(BaseModel):
     max_queue: int = Field(256, ge=1)
     truncation: bool = True
     timeout_s: float = Field(30.0, gt=0)
+    grpc_port: int = Field(0, ge=0, le=65535, description="KServe v2 gRPC on 127.0.0.1:grpc_port; 0: no gRPC")
+    grpc_front: str = Field("", description="the front's gRPC address, through which calls for the host's other "
+                                            "models are passed on; empty: none are")
     log_level: str = "info"
 
     def to_env(self) -> dict[str, str]:
