@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench import wrk
 from neuronserve import scrape
-from neuronserve.up import free_port_block
+from neuronserve.up import free_port_block, local_ports
 
 from bench.baseline_server import COPIES, Baseline, request_path
 
@@ -59,7 +59,7 @@ class NeuronserveSystem:
         # the request every connection sends: the task JSON of the QA payload, unless a caller sets another
         self.path, self.body = f"/models/{name}", json.dumps({"inputs": PAYLOAD})
 
-    def config_text(self, base_port: int, front_port: int) -> str:
+    def config_text(self, ports: dict[str, dict]) -> str:
         from bench.models import SEQ, source_dir
 
         t = self.tuning
@@ -67,13 +67,15 @@ class NeuronserveSystem:
 [server]
 backend = "cpu"
 model_repository = "{self.root / 'models'}"
-base_port = {base_port}
+base_port = {ports["server"]["base_port"]}
+grpc_base_port = {ports["server"]["grpc_base_port"]}
 python = "{sys.executable}"
 log_level = "warning"
 timeout_s = 120
 
 [nginx]
-listen = "127.0.0.1:{front_port}"
+listen = "{ports["nginx"]["listen"]}"
+grpc_listen = "{ports["nginx"]["grpc_listen"]}"
 
 [cpu]
 threads_per_copy = {t['threads_per_copy']}
@@ -97,9 +99,8 @@ max_queue = 1024
 
         work = self.root / "run" / f"neuronserve-{self.name}"
         work.mkdir(parents=True, exist_ok=True)
-        base = free_port_block(len(self.cpus) + 1)
         path = work / "neuronserve.toml"
-        path.write_text(self.config_text(base + 1, base))
+        path.write_text(self.config_text(local_ports(len(self.cpus))))
         cfg = config.load(path, dropins=False)
         host = cpu_devices.discover(set(self.cpus))
         plan = make_plan(cfg, host, python=sys.executable)

@@ -74,6 +74,9 @@ class ServerSection(_Section):
                                    description="where `neuronserve compile` writes artifacts and the groups read them")
     base_port: int = Field(8100, ge=1024, le=65000,
                            description="group i listens on 127.0.0.1:base_port+i (never on a public address)")
+    grpc_base_port: int = Field(9100, ge=1024, le=65000,
+                                description="group i serves KServe v2 gRPC on 127.0.0.1:grpc_base_port+i, unless "
+                                            "nginx.grpc_listen is empty")
     python: str = Field("auto", description="interpreter that has torch (and torch-neuronx on Neuron); auto: a "
                                             "DLAMI venv that imports the backend's framework, else this one. In "
                                             "a packaged install it names the ML environment `neuronserve env "
@@ -93,6 +96,8 @@ class NginxSection(_Section):
     enabled: bool = Field(True, description="render and run the nginx front; false: clients talk to the groups' "
                                             "ports on 127.0.0.1 directly")
     listen: str = Field("0.0.0.0:8080", description="address:port nginx listens on")
+    grpc_listen: str = Field("0.0.0.0:8081", description="address:port of the front's KServe v2 gRPC (HTTP/2) "
+                                                         "listener; empty: no gRPC, here or on the groups")
     conf_path: Path = Field(Path("/etc/nginx/conf.d/neuronserve.conf"), description="where the front config is written")
     client_max_body_size: str = Field("1m", pattern=r"^\d+[kKmM]?$", description="larger bodies get 413")
     keepalive: int = Field(64, ge=0, le=4096, description="idle keepalive connections kept open to each group")
@@ -107,10 +112,12 @@ class NginxSection(_Section):
     rate_limit_burst: int | None = Field(None, ge=0, description="requests a client may send at once above "
                                          "rate_limit before getting 429; default: one second's worth")
 
-    @field_validator("listen")
+    @field_validator("listen", "grpc_listen")
     @classmethod
-    def _listen(cls, v: str) -> str:
+    def _listen(cls, v: str, info) -> str:
         # written into nginx's config unquoted and parsed by `up` and `doctor`: only address:port gets through
+        if not v and info.field_name == "grpc_listen":
+            return v
         m = re.fullmatch(r"(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+|\*):)?(\d{1,5})", v)
         if not m or not 1 <= int(m.group(1)) <= 65535:
             raise ValueError(f"{v!r} is not [address:]port, e.g. '0.0.0.0:8080', '[::]:8080' or '8080'")

@@ -34,9 +34,11 @@ CONFIG = """\
 backend = "cpu"
 model_repository = "{workdir}/models"
 base_port = {base_port}
+grpc_base_port = {grpc_base_port}
 
 [nginx]
 listen = "127.0.0.1:{front_port}"
+grpc_listen = "127.0.0.1:{grpc_port}"
 
 [models.minilm]
 task = "feature-extraction"
@@ -64,9 +66,12 @@ QUESTION = {"question": "Where do the groups listen?",
 def write_config(workdir: Path) -> Path:
     # the familiar ports when free; the demo must not fight a service that already listens there
     front = free_port_block(1, 8080)
-    base = free_port_block(2, max(8100, front + 1))
+    grpc = free_port_block(1, front + 1)
+    base = free_port_block(2, max(8100, grpc + 1))
+    grpc_base = free_port_block(2, max(9100, base + 2))
     path = workdir / "neuronserve.toml"
-    path.write_text(CONFIG.format(workdir=workdir, base_port=base, front_port=front,
+    path.write_text(CONFIG.format(workdir=workdir, base_port=base, front_port=front, grpc_port=grpc,
+                                  grpc_base_port=grpc_base,
                                   minilm=random_models.default_tokenizer_dir()))
     return path
 

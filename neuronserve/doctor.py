@@ -256,9 +256,11 @@ def _plan(cfg: Config, host: Host) -> tuple[Plan | None, list[Finding]]:
 
 def _ports(cfg: Config, plan: Plan | None, probes: Probes) -> list[Finding]:
     wanted: list[tuple[str, int]] = [(f"group {g.name}", g.port) for g in plan.groups] if plan else []
-    front = cfg.nginx.listen.rsplit(":", 1)[-1]
-    if cfg.nginx.enabled and front.isdigit():
-        wanted.append(("nginx.listen", int(front)))
+    wanted += [(f"group {g.name} gRPC", g.grpc_port) for g in plan.groups if g.grpc_port] if plan else []
+    for key in ("listen", "grpc_listen"):
+        front = getattr(cfg.nginx, key).rsplit(":", 1)[-1]
+        if cfg.nginx.enabled and front.isdigit():
+            wanted.append((f"nginx.{key}", int(front)))
     listening = _listening(probes)
     out, free = [], []
     for who, port in wanted:
@@ -266,7 +268,7 @@ def _ports(cfg: Config, plan: Plan | None, probes: Probes) -> list[Finding]:
             free.append(port)
             continue
         owners = _socket_owners(listening[port], probes)
-        if who == "nginx.listen":
+        if who.startswith("nginx."):
             ours = [o for o in owners if _is_nginx(o[1])] and probes.path(cfg.nginx.conf_path).exists()
         else:
             ours = owners and all(_is_neuronserve(pid, cmd, probes) for pid, cmd in owners)
@@ -276,7 +278,7 @@ def _ports(cfg: Config, plan: Plan | None, probes: Probes) -> list[Finding]:
         else:
             out.append(Finding("fail", f"port {port} ({who}) is already in use by {held}",
                                "stop that process (`ss -ltnp 'sport = :%d'` shows it) or move "
-                               "server.base_port / nginx.listen" % port))
+                               "server.base_port, server.grpc_base_port, nginx.listen or nginx.grpc_listen" % port))
     if free:
         out.insert(0, Finding("ok", f"port(s) {', '.join(map(str, free))} free"))
     return out

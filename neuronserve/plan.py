@@ -40,6 +40,7 @@ class Group:
     cpus: list[int]
     port: int
     settings: ServerSettings
+    grpc_port: int = 0          # 0: no gRPC
     env: dict[str, str] = field(default_factory=dict)   # pinning + settings, exactly what the worker gets
 
     @property
@@ -49,6 +50,10 @@ class Group:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     @property
     def core_list(self) -> str:
@@ -86,9 +91,24 @@ class Plan:
         raise PlanError(f"no group named {name!r}; groups: {', '.join(g.name for g in self.groups)}")
 
 
-def _front_port(cfg: Config) -> int | None:
-    tail = cfg.nginx.listen.rsplit(":", 1)[-1]
-    return int(tail) if tail.isdigit() else None
+def _front_ports(cfg: Config) -> dict[int, str]:
+    """The front's ports -> the setting that names each."""
+    out = {}
+    for key in ("listen", "grpc_listen"):
+        tail = getattr(cfg.nginx, key).rsplit(":", 1)[-1]
+        if tail.isdigit():
+            out[int(tail)] = f"nginx.{key}"
+    return out
+
+
+def loopback(listen: str) -> str:
+    """host:port a local client dials for a listen address ('0.0.0.0:8081', '[::]:8081', '8081', 'host:port')."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or host in ("", "*", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "[::]":
+        host = "[::1]"
+    return f"{host}:{port}"
 
 
 def _assign_cores(cfg: Config, host: Host) -> dict[str, list[list[int]]]:
@@ -163,17 +183,28 @@ def make_plan(cfg: Config, host: Host, *, python: str | None = None) -> Plan:
         raise PlanError("no models configured: add a [models.<name>] table")
     backend = backend_module(host.backend)
     assignment = _assign_cores(cfg, host)
-    front = _front_port(cfg)
+    front = _front_ports(cfg)
+    grpc = bool(cfg.nginx.grpc_listen)
+    # groups pass calls for the host's other models back through the front, which routes them by model
+    grpc_front = loopback(cfg.nginx.grpc_listen) if grpc and cfg.nginx.enabled and len(cfg.models) > 1 else ""
+    count = sum(len(a) for a in assignment.values())
+    http_ports = range(cfg.server.base_port, cfg.server.base_port + count)
     groups: list[Group] = []
     for name, m in cfg.models.items():
         for i, cores in enumerate(assignment[name]):
-            port = cfg.server.base_port + len(groups)
-            if port > 65535:
-                raise PlanError(f"group {name}-{i} would listen on port {port}: lower server.base_port")
-            if port == front:
-                raise PlanError(f"group {name}-{i} would listen on {port}, the port nginx.listen uses: "
-                                "move server.base_port or nginx.listen")
             gname = f"{name}-{i}"
+            port = cfg.server.base_port + len(groups)
+            grpc_port = cfg.server.grpc_base_port + len(groups) if grpc else 0
+            for p, what, setting in ((port, "listen", "server.base_port"),
+                                     (grpc_port, "serve gRPC", "server.grpc_base_port")):
+                if p > 65535:
+                    raise PlanError(f"group {gname} would {what} on port {p}: lower {setting}")
+                if p in front:
+                    raise PlanError(f"group {gname} would {what} on {p}, the port {front[p]} uses: move {setting} "
+                                    f"or {front[p]}")
+            if grpc_port in http_ports:
+                raise PlanError(f"group {gname} would serve gRPC on {grpc_port}, a port of the groups' HTTP "
+                                f"({http_ports.start}-{http_ports.stop - 1}): move server.grpc_base_port")
             pin = backend.pin_env(host, cores, m.copies, cfg, gname)
             cpus = backend.group_cpus(host, cores)
             settings = ServerSettings(
@@ -183,8 +214,8 @@ def make_plan(cfg: Config, host: Host, *, python: str | None = None) -> Plan:
                 return_wait_share=m.return_wait_share, max_queue=m.max_queue,
                 truncation=m.truncation, timeout_s=cfg.server.timeout_s, log_level=cfg.server.log_level,
                 lend_dir=LEND_DIR if host.backend == "cpu" and cfg.cpu.lend_idle_cpus else "",
-                lend_min_batch_ms=cfg.cpu.lend_min_batch_ms)
+                lend_min_batch_ms=cfg.cpu.lend_min_batch_ms, grpc_port=grpc_port, grpc_front=grpc_front)
             env = {**pin, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
             groups.append(Group(name=gname, model=name, index=i, cores=cores, cpus=cpus, port=port,
-                                settings=settings, env=env))
+                                settings=settings, env=env, grpc_port=grpc_port))
     return Plan(config=cfg, host=host, groups=groups, python=python or resolve_python(cfg, host))

@@ -208,7 +208,7 @@ def _nginx_context(plan: Plan, layout: Layout, down: frozenset[str]) -> dict:
         burst = max(1, -(-int(count) // (60 if unit == "m" else 1)))   # one second's worth, rounded up
     models = plan.by_model()
     return dict(
-        nginx=ng, models=models, groups=plan.groups, down=down,
+        nginx=ng, models=models, groups=plan.groups, down=down, grpc=bool(ng.grpc_listen),
         njs=njs_script_path(layout) if njs_module() else None,
         openai_models=json.dumps({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "neuronserve"} for m in models]}),

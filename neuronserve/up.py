@@ -21,7 +21,7 @@ import httpx
 
 from neuronserve.errors import ServiceError
 from neuronserve.layout import Layout
-from neuronserve.plan import Plan
+from neuronserve.plan import Plan, loopback
 from neuronserve.render import front_access_log, njs_module, render_files, template_env, write_files
 
 READY_PATH = "/v2/health/ready"
@@ -77,12 +77,7 @@ def prepare_front(layout: Layout) -> None:
 
 def front_url_for(listen: str) -> str:
     """A URL a local client uses for nginx.listen ('0.0.0.0:8080', '[::]:8080', '8080', 'host:port')."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or host in ("", "*", "0.0.0.0"):
-        host = "127.0.0.1"
-    elif host == "[::]":
-        host = "[::1]"
-    return f"http://{host}:{port}"
+    return f"http://{loopback(listen)}"
 
 
 def _port_in_use(host: str, port: int) -> bool:
@@ -108,6 +103,14 @@ def free_port_block(count: int, start: int | None = None) -> int:
         if base + count <= 65000 and not any(_port_in_use("127.0.0.1", p) for p in range(base, base + count)):
             return base
     raise ServiceError(f"no {count} consecutive free port(s) on 127.0.0.1" + (f" from {start}" if start else ""))
+
+
+def local_ports(groups: int, start: int | None = None) -> dict[str, dict]:
+    """Free loopback ports for a stack of `groups` on one host, as config sections: {"server": {base_port,
+    grpc_base_port}, "nginx": {listen, grpc_listen}}, all from one block of consecutive free ports."""
+    base = free_port_block(2 * groups + 2, start)
+    return {"server": {"base_port": base + 2, "grpc_base_port": base + 2 + groups},
+            "nginx": {"listen": f"127.0.0.1:{base}", "grpc_listen": f"127.0.0.1:{base + 1}"}}
 
 
 def _ephemeral() -> int:
@@ -153,6 +156,12 @@ class Stack:
         return front_url_for(self.plan.config.nginx.listen) if self.nginx else None
 
     @property
+    def grpc_front(self) -> str | None:
+        """host:port of the front's gRPC listener."""
+        listen = self.plan.config.nginx.grpc_listen
+        return loopback(listen) if self.nginx and listen else None
+
+    @property
     def log_dir(self) -> Path:
         return self.layout.state_dir / "logs"
 
@@ -187,13 +196,15 @@ class Stack:
 
     def _check_ports(self) -> None:
         wanted = [(g.name, "127.0.0.1", g.port) for g in self.plan.groups]
+        wanted += [(f"{g.name} gRPC", "127.0.0.1", g.grpc_port) for g in self.plan.groups if g.grpc_port]
         if self.nginx:
-            host, _, port = self.plan.config.nginx.listen.rpartition(":")
-            wanted.append(("nginx", host.strip("[]") or "0.0.0.0", int(port)))
+            for listen in filter(None, (self.plan.config.nginx.listen, self.plan.config.nginx.grpc_listen)):
+                host, _, port = listen.rpartition(":")
+                wanted.append(("nginx", host.strip("[]") or "0.0.0.0", int(port)))
         busy = [f"{host}:{port} ({name})" for name, host, port in wanted if _port_in_use(host, port)]
         if busy:
             raise ServiceError(f"port(s) already in use: {', '.join(busy)}; stop what holds them, or change "
-                               "server.base_port / nginx.listen")
+                               "server.base_port, server.grpc_base_port, nginx.listen or nginx.grpc_listen")
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         log_path = self.log_path(name)

@@ -24,7 +24,7 @@ from neuronserve import config
 from neuronserve.devices import cpu
 from neuronserve.layout import Layout
 from neuronserve.plan import make_plan
-from neuronserve.up import Stack, free_port_block
+from neuronserve.up import Stack, local_ports
 
 E2E_DIR = Path(__file__).parent
 READY_TIMEOUT_S = 240.0     # a noisy 2-core machine loading two groups at once
@@ -77,10 +77,10 @@ def build_stack(workdir: Path, model_repo: Path, models: dict[str, dict], nginx:
     """Write a config for `models` ({name: extra keys}), plan it on two CPU cores, return an unstarted Stack."""
     workdir.mkdir(parents=True, exist_ok=True)
     groups = sum(int(keys.get("groups", 1)) for keys in models.values())
-    base = free_port_block(groups + 1)
-    server = {"backend": "cpu", "model_repository": str(model_repo), "base_port": base + 1, "log_level": "warning",
-              "timeout_s": 20.0, "graceful_timeout_s": 5.0, **(server or {})}
-    nginx = {"listen": f"127.0.0.1:{base}", **(nginx or {})}
+    ports = local_ports(groups)
+    server = {"backend": "cpu", "model_repository": str(model_repo), "log_level": "warning", "timeout_s": 20.0,
+              "graceful_timeout_s": 5.0, **ports["server"], **(server or {})}
+    nginx = {**ports["nginx"], **(nginx or {})}
     text = ("[server]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in server.items())
             + "[nginx]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in nginx.items())
             + "[cpu]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in (cpu_keys or {}).items())

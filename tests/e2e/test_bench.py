@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from neuronserve import bench
 from neuronserve.cli import main
-from neuronserve.up import free_port_block
+from neuronserve.up import local_ports
 
 
 def test_closed_loop_through_nginx_both_protocols(stack):
@@ -48,12 +48,13 @@ def port_free(port: int) -> bool:
 
 
 def test_sweep_over_groups_and_copies_on_the_cpu_stack(model_repo, tmp_path):
-    base = free_port_block(3)
+    ports = local_ports(2)
     cfg = tmp_path / "neuronserve.toml"
     cfg.write_text(
-        f'[server]\nbackend = "cpu"\nmodel_repository = "{model_repo}"\nbase_port = {base + 1}\n'
+        f'[server]\nbackend = "cpu"\nmodel_repository = "{model_repo}"\nbase_port = {ports["server"]["base_port"]}\n'
+        f'grpc_base_port = {ports["server"]["grpc_base_port"]}\n'
         f'log_level = "warning"\ntimeout_s = 20.0\ngraceful_timeout_s = 5.0\npython = "{sys.executable}"\n'
-        f'[nginx]\nlisten = "127.0.0.1:{base}"\n'
+        f'[nginx]\nlisten = "{ports["nginx"]["listen"]}"\ngrpc_listen = "{ports["nginx"]["grpc_listen"]}"\n'
         f'[models.cls]\ntask = "text-classification"\nsource = "/unused/cls"\ngroups = 1\ncopies = 1\n'
         f'max_batch_delay_ms = 2.0\n')
     out = tmp_path / "out"
@@ -76,5 +77,6 @@ def test_sweep_over_groups_and_copies_on_the_cpu_stack(model_repo, tmp_path):
     assert set(two["share"]) == {"cls-0", "cls-1"} and all(f > 0 for f in two["share"].values())
     assert data["meta"]["sweep"] == "1x1,2x1"
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
-    # every shape was taken down again: the front and group ports are free
-    assert all(port_free(p) for p in (base, base + 1, base + 2))
+    # every shape was taken down again: the front's and the groups' HTTP and gRPC ports are free
+    first = int(ports["nginx"]["listen"].rpartition(":")[2])
+    assert all(port_free(p) for p in range(first, first + 6))

@@ -99,6 +99,28 @@ def test_port_conflicts(tmp_path):
         make_plan(cfg, host(600), python="py")
 
 
+def test_grpc_ports_and_the_front_groups_pass_other_models_through(tmp_path):
+    one = make_plan(cfg_from(tmp_path, model("a", copies=1)), host(2), python="py")
+    assert [g.grpc_port for g in one.groups] == [9100, 9101] and one.groups[1].grpc_address == "127.0.0.1:9101"
+    # one model: nothing to pass on
+    assert [g.settings.grpc_port for g in one.groups] == [9100, 9101] and one.groups[0].settings.grpc_front == ""
+    text = '[nginx]\ngrpc_listen = "[::]:9000"\n' + model("a", copies=1, groups=1) + model("b", copies=1)
+    two = make_plan(cfg_from(tmp_path, text), host(3), python="py")
+    assert {g.settings.grpc_front for g in two.groups} == {"[::1]:9000"}
+    assert [g.grpc_port for g in two.groups] == [9100, 9101, 9102]
+    off = make_plan(cfg_from(tmp_path, '[nginx]\ngrpc_listen = ""\n' + model("a", copies=1)), host(2), python="py")
+    assert [(g.grpc_port, g.env["NEURONSERVE_GRPC_PORT"]) for g in off.groups] == [(0, "0"), (0, "0")]
+    cfg = cfg_from(tmp_path, model("a", copies=1))
+    cfg.server.grpc_base_port = 8079
+    with pytest.raises(PlanError, match="group a-1 would serve gRPC on 8080, the port nginx.listen uses: move "
+                                        "server.grpc_base_port or nginx.listen"):
+        make_plan(cfg, host(2), python="py")
+    cfg = cfg_from(tmp_path, model("a", copies=1))
+    cfg.server.grpc_base_port = 8101
+    with pytest.raises(PlanError, match="would serve gRPC on 8101, a port of the groups' HTTP \\(8100-8101\\)"):
+        make_plan(cfg, host(2), python="py")
+
+
 def test_unit_names_map_back_to_their_group(tmp_path):
     plan = make_plan(cfg_from(tmp_path, model("emb-x", copies=1)), host(2), python="py")
     for g in plan.groups:

@@ -213,12 +213,21 @@ def test_front_routes_each_model_to_its_groups(tmp_path):
     layout = Layout(tmp_path / "root", cfg)
     text = render_files(plan, layout, down={"emb-1"})[layout.nginx_conf]
     upstreams = dict(re.findall(r"^upstream (\S+) \{\n(.*?)^\}", text, re.M | re.S))
-    assert set(upstreams) == {"neuronserve_emb", "neuronserve_qa", "neuronserve__all"}
+    assert set(upstreams) == {"neuronserve_emb", "neuronserve_qa", "neuronserve__all", "neuronserve_grpc_emb",
+                              "neuronserve_grpc_qa", "neuronserve_grpc__all"}
     emb = upstreams["neuronserve_emb"]
     assert "least_conn;" in emb and "keepalive 64;" in emb
     # one balancing state for all nginx workers, a zone of its own per upstream
     zones = [re.search(r"^\s*zone (\S+) 64k;$", u, re.M).group(1) for u in upstreams.values()]
-    assert zones[0] == "neuronserve_upstream_emb" and len(set(zones)) == 3
+    assert zones[0] == "neuronserve_upstream_emb" and len(set(zones)) == 6
+    # gRPC: each group's own port, the drained one down there too, routed by the model header
+    grpc = upstreams["neuronserve_grpc_emb"]
+    assert "server 127.0.0.1:9100 max_fails" in grpc and "server 127.0.0.1:9101 down;" in grpc
+    assert "server 127.0.0.1:9103 max_fails" in upstreams["neuronserve_grpc_qa"]
+    assert re.search(r"map \$http_x_neuronserve_model \$neuronserve_grpc_upstream \{\s+default neuronserve_grpc__all;"
+                     r"\s+\"emb\" neuronserve_grpc_emb;\s+\"qa\" neuronserve_grpc_qa;\s+\}", text)
+    assert "listen 0.0.0.0:8081 http2;" in text and 'grpc_set_header x-neuronserve-models "emb,qa";' in text
+    assert "grpc_pass grpc://$neuronserve_grpc_upstream;" in text
     assert "server 127.0.0.1:8100 max_fails=0 fail_timeout=2s;" in emb
     assert "server 127.0.0.1:8101 down;" in emb and "8103" not in emb
     assert "server 127.0.0.1:8103 max_fails" in upstreams["neuronserve_qa"]
