@@ -25,6 +25,16 @@ CONFIG = "/etc/neuronserve/neuronserve.toml"
 REPO = "/var/lib/neuronserve/models"
 UNITS = ["neuronserve-tiny-0.service", "neuronserve-tiny-1.service"]
 PORTS = [8100, 8101]
+GRPC_PORTS = [9100, 9101]
+# tritonclient.grpc, unchanged, in the container against the front's gRPC listener (nginx.grpc_listen's default)
+TRITON_GRPC = """
+import json, numpy as np, tritonclient.grpc as triton
+client = triton.InferenceServerClient("127.0.0.1:8081")
+text = triton.InferInput("text", [1], "BYTES")
+text.set_data_from_numpy(np.array([b"a short sentence to classify"], dtype=object))
+result = client.infer("tiny", [text])
+print(json.dumps({"ready": client.is_model_ready("tiny"), "answer": json.loads(result.as_numpy("answer")[0])}))
+"""
 FRONT = "http://127.0.0.1:8080/models/tiny"
 BODY = json.dumps({"inputs": "a short sentence to classify"})
 FIGURES: dict = {}
@@ -145,10 +155,12 @@ def test_apply_starts_the_target_and_groups_as_the_neuronserve_user(box):
         # journald has the group's own log, with the readiness line of the warm-up
         journal = box.run(["journalctl", "-u", unit, "--no-pager", "-o", "cat"]).stdout
         assert "passed the known-answer warm-up" in journal, journal[-2000:]
-    # only nginx listens beyond the loopback... and the groups only on 127.0.0.1
+    # only nginx listens beyond the loopback (HTTP and gRPC)... and the groups only on 127.0.0.1, both
     listening = box.run(["ss", "-Hltn"]).stdout
-    for port in PORTS:
-        assert f"127.0.0.1:{port} " in listening and f"0.0.0.0:{port} " not in listening
+    for port in PORTS + GRPC_PORTS:     # gRPC's socket is dual-stack: 127.0.0.1 shows as [::ffff:127.0.0.1]
+        assert re.search(rf"(^|\s|\[::ffff:)127\.0\.0\.1\]?:{port}\s", listening), listening
+        assert f"0.0.0.0:{port} " not in listening and f"*:{port} " not in listening
+    assert "0.0.0.0:8081 " in listening
 
 
 def test_group_units_rate_2_or_better_in_systemd_analyze_security(box):
@@ -177,7 +189,7 @@ def test_requests_through_nginx_reach_both_groups_and_status_reports_them(box):
 
 def test_the_dialects_through_the_hosts_nginx(box):
     """Under systemd, with the host's own nginx (njs from modules-enabled): the model listing, TEI's root routes of a
-    one-model host, OpenAI's model list."""
+    one-model host, OpenAI's model list, KServe v2 over gRPC."""
     def post(path: str, body: dict) -> dict:
         r = box.run(["curl", "-s", "--max-time", "10", "-H", "content-type: application/json", "-d", json.dumps(body),
                      f"http://127.0.0.1:8080{path}"])
@@ -190,6 +202,11 @@ def test_the_dialects_through_the_hosts_nginx(box):
     assert answer[0]["score"] >= answer[1]["score"] and abs(sum(a["score"] for a in answer) - 1) < 1e-5
     listing = json.loads(box.run(["curl", "-s", "--max-time", "10", "http://127.0.0.1:8080/v1/models"]).stdout)
     assert [m["id"] for m in listing["data"]] == ["tiny"]
+    # KServe v2 over gRPC through nginx: the same answer as the task JSON's
+    grpc = json.loads(box.run([box.python, "-c", TRITON_GRPC]).stdout.strip().splitlines()[-1])
+    assert grpc["ready"] is True
+    assert [grpc["answer"]] == post("/models/tiny", {"inputs": ["a short sentence to classify"],
+                                                     "parameters": {"top_k": None}})
 
 
 def requests_served(box, port: int) -> float:
