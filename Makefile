@@ -16,6 +16,9 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_TOOLS := nginx:nginx systemd-nspawn:systemd-container rpm:rpm rpmbuild:rpm lintian:lintian \
              tmux:tmux wrk:wrk systemd-analyze:systemd debootstrap:debootstrap rpmlint:rpmlint
 PYTEST_ARGS ?=
+# `make bench` compares the serving CPU per request with this commit's, side by side (bench/versus.py): the
+# round's starting point
+BENCH_BEFORE ?= 6870ceb
 
 .PHONY: demo test unit packages bench docs sysdeps clean
 .DEFAULT_GOAL := help
@@ -58,6 +61,7 @@ bench: sysdeps $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.routes
+	$(BIN)/python -m bench.versus $(BENCH_BEFORE)
 
 # generated from neuronserve/cli.py and config.py, and committed: tests/unit/test_docs.py fails until they match
 docs: $(STAMP)
@@ -65,3 +69,4 @@ docs: $(STAMP)
 
 clean:
 	rm -rf build dist demo-run bench-results *.egg-info
+	git worktree prune

@@ -2,7 +2,8 @@
 
 One embedding model whose compute is nearly off the CPU (no-encoder's shape, feature-extraction), one group per
 CPU behind nginx, and the same short text sent through the task JSON route, OpenAI's /v1/embeddings (base64, as
-the SDK asks) and TEI's /embed, at concurrency 64, the routes interleaved over two rounds. Each level reports
+the SDK asks), TEI's /embed and KServe v2's infer over REST (JSON) and over gRPC (through nginx's gRPC listener,
+loaded by bench.grpc_load), at concurrency 64, the routes interleaved over two rounds. Each level reports
 requests/s and the CPU the stack's processes used per request (the model's share included: about 0.02 ms here),
 so the routes compare like for like. Writes bench-results/routes.{md,json}.
 """
@@ -15,16 +16,20 @@ import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import cpu, models, wrk
+from bench import cpu, grpc_load, models, wrk
 from bench.__main__ import TUNING, drain, log
 from bench.systems import NeuronserveSystem
 
 NAME = "embed"
+GRPC = "grpc"
 TEXT = "The little engine said it thought it could, all the way up the mountain."
 ROUTES = {
     "task JSON": ("/models/embed", {"inputs": TEXT}),
     "OpenAI": ("/v1/embeddings", {"model": NAME, "input": TEXT, "encoding_format": "base64"}),
     "TEI": ("/models/embed/embed", {"inputs": TEXT}),
+    "KServe v2 REST": ("/v2/models/embed/infer", {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
+                                                              "data": [TEXT]}]}),
+    "KServe v2 gRPC": (GRPC, None),
 }
 CONCURRENCY, DURATION, RAMP, ROUNDS = 64, 8.0, 2.0, 2
 
@@ -42,16 +47,23 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, list[dict]] = {route: [] for route in ROUTES}
     system.start()
     try:
-        for route, (path, body) in ROUTES.items():
+        system.path, system.body = "/models/embed", json.dumps({"inputs": TEXT})
+        b1 = system.probe()
+
+        def load(route: str, duration: float, ramp: float = 0.0):
+            path, body = ROUTES[route]
+            if path == GRPC:
+                return grpc_load.run(system.stack.grpc_front, grpc_request(), CONCURRENCY, duration, ramp_s=ramp)
             system.path, system.body = path, json.dumps(body)
-            b1 = system.probe()
-            wrk.run(system.targets, CONCURRENCY, 4.0)        # every bucket warm
+            return wrk.run(system.targets, CONCURRENCY, duration, ramp_s=ramp, timeout_s=60)
+
+        for route in ROUTES:
+            load(route, 4.0)        # every bucket warm
             drain(system, b1)
         for _ in range(ROUNDS):
-            for route, (path, body) in ROUTES.items():
-                system.path, system.body = path, json.dumps(body)
+            for route in ROUTES:
                 cpu0 = cpu.cpu_seconds(system.pids)
-                res = wrk.run(system.targets, CONCURRENCY, DURATION, ramp_s=RAMP, timeout_s=60)
+                res = load(route, DURATION, RAMP)
                 cpu_s = cpu.cpu_seconds(system.pids) - cpu0
                 row = {"throughput": res.throughput, "completed": res.completed, "errors": res.errors,
                        "cpu_s": cpu_s, "cpu_ms_per_request": 1000 * cpu_s / max(res.completed, 1),
@@ -76,6 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "routes.json").write_text(json.dumps({"when": when, "rows": rows}, indent=2) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def grpc_request() -> bytes:
+    """The same text as one BYTES input of a ModelInferRequest."""
+    from neuronserve.server import grpc_messages as pb
+
+    request = pb.message("ModelInferRequest")(model_name=NAME)
+    request.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(TEXT.encode())
+    return request.SerializeToString()
 
 
 if __name__ == "__main__":

@@ -48,10 +48,11 @@ class NeuronserveSystem:
     label = "neuronserve"
 
     def __init__(self, name: str, root: Path, cpus: list[int], *, copies: int = 1, threads_per_copy: int = 1,
-                 max_batch_delay_ms: float = 1.0, batch_sizes: list[int] | None = None, task: str | None = None):
+                 max_batch_delay_ms: float = 1.0, batch_sizes: list[int] | None = None, task: str | None = None,
+                 env: dict[str, str] | None = None):
         from bench.models import TASK
 
-        self.name, self.root, self.cpus = name, root, cpus
+        self.name, self.root, self.cpus, self.env = name, root, cpus, env
         self.tuning = dict(copies=copies, threads_per_copy=threads_per_copy, max_batch_delay_ms=max_batch_delay_ms)
         self.batch_sizes = batch_sizes
         self.task = task or TASK
@@ -104,7 +105,7 @@ max_queue = 1024
         cfg = config.load(path, dropins=False)
         host = cpu_devices.discover(set(self.cpus))
         plan = make_plan(cfg, host, python=sys.executable)
-        self.stack = Stack(plan, Layout(work / "root", cfg), nginx=True, grace_s=10)
+        self.stack = Stack(plan, Layout(work / "root", cfg), nginx=True, grace_s=10, env=self.env)
         self.stack.start()
         try:
             self.stack.wait_ready(600)

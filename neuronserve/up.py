@@ -137,8 +137,10 @@ class Stack:
     Leaving the block (or `stop()`) stops everything: SIGTERM, then SIGKILL to each process group after `grace_s`.
     """
 
-    def __init__(self, plan: Plan, layout: Layout, *, nginx: bool | None = None, grace_s: float | None = None):
-        self.plan, self.layout = plan, layout
+    def __init__(self, plan: Plan, layout: Layout, *, nginx: bool | None = None, grace_s: float | None = None,
+                 env: dict[str, str] | None = None):
+        """`env`: more environment for every process (the bench points PYTHONPATH at another checkout)."""
+        self.plan, self.layout, self.env = plan, layout, env or {}
         self.nginx = plan.config.nginx.enabled if nginx is None else nginx
         if self.nginx and not plan.config.nginx.enabled:
             raise ServiceError("nginx.enabled is false in the config: there is no front to start")
@@ -184,7 +186,7 @@ class Stack:
         if self.nginx:
             prepare_front(self.layout)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        base = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+        base = {**{k: os.environ[k] for k in PASS_ENV if k in os.environ}, **self.env}
         try:
             for g in self.plan.groups:
                 self._spawn(g.name, self.plan.argv(g, self.layout), {**base, **self.plan.env(g, self.layout)})
