@@ -74,9 +74,9 @@ class ServerSection(_Section):
                                    description="where `neuronserve compile` writes artifacts and the groups read them")
     base_port: int = Field(8100, ge=1024, le=65000,
                            description="group i listens on 127.0.0.1:base_port+i (never on a public address)")
-    grpc_base_port: int = Field(9100, ge=1024, le=65000,
-                                description="group i serves KServe v2 gRPC on 127.0.0.1:grpc_base_port+i, unless "
-                                            "nginx.grpc_listen is empty")
+    grpc_base_port: int | None = Field(None, ge=1024, le=65000,
+                                       description="group i serves KServe v2 gRPC on 127.0.0.1:grpc_base_port+i, "
+                                                   "unless nginx.grpc_listen is empty; default: base_port + 1000")
     python: str = Field("auto", description="interpreter that has torch (and torch-neuronx on Neuron); auto: a "
                                             "DLAMI venv that imports the backend's framework, else this one. In "
                                             "a packaged install it names the ML environment `neuronserve env "

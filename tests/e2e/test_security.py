@@ -65,15 +65,19 @@ def non_loopback_address() -> str | None:
     return None if address.startswith("127.") or address == "0.0.0.0" else address
 
 
+LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1")     # gRPC's sockets are dual-stack: 127.0.0.1 v4-mapped
+
+
 def test_groups_listen_on_the_loopback_only(stack):
     for proc in stack.procs:
         sockets = listening(tree(proc.popen.pid))
         if proc.name == "nginx":
-            host, _, port = stack.plan.config.nginx.listen.rpartition(":")
-            assert sockets == {(host, int(port))}, sockets
+            fronts = (stack.plan.config.nginx.listen, stack.plan.config.nginx.grpc_listen)
+            assert sockets == {(host, int(port)) for host, _, port in (f.rpartition(":") for f in fronts)}, sockets
         else:
-            port = stack.plan.group(proc.name).port
-            assert sockets == {("127.0.0.1", port)}, (proc.name, sockets)
+            group = stack.plan.group(proc.name)
+            assert {port for _, port in sockets} == {group.port, group.grpc_port}, (proc.name, sockets)
+            assert all(host in LOOPBACK for host, _ in sockets), (proc.name, sockets)
 
 
 def test_a_group_is_unreachable_from_another_address(stack):
@@ -81,8 +85,9 @@ def test_a_group_is_unreachable_from_another_address(stack):
     if address is None:
         pytest.skip("this host has no address besides the loopback")
     for group in stack.plan.groups:
-        with pytest.raises(OSError):
-            socket.create_connection((address, group.port), timeout=5).close()
+        for port in (group.port, group.grpc_port):
+            with pytest.raises(OSError):
+                socket.create_connection((address, port), timeout=5).close()
 
 
 def test_the_front_shows_no_version_nor_internals(stack):

@@ -87,14 +87,15 @@ class Machine:
 
 
 def write_config(tmp: Path, backend: str = "neuron", models: str | None = None, base_port: int = BASE_PORT,
-                 front_port: int = FRONT_PORT) -> Path:
+                 front_port: int = FRONT_PORT, grpc: bool = True) -> Path:
+    """gRPC: the groups on base_port + 1000 + i, the front on front_port + 1."""
     if models is None:
         models = ('[models.bert]\ntask = "text-classification"\nsource = "/srv/bert"\ncores_per_group = 2\n'
                   "batch_sizes = [1, 4]\nsequence_lengths = [128]\n")
     path = tmp / "neuronserve.toml"
     path.write_text(f'[server]\nbackend = "{backend}"\nbase_port = {base_port}\nmodel_repository = "{tmp}/models"\n'
                     f'[nginx]\nlisten = "127.0.0.1:{front_port}"\nconf_path = "/etc/nginx/conf.d/neuronserve.conf"\n'
-                    + models)
+                    f'grpc_listen = "{f"127.0.0.1:{front_port + 1}" if grpc else ""}"\n' + models)
     return path
 
 
@@ -148,7 +149,8 @@ def test_healthy_inf2_host(tmp_path, machine):
     one(findings, "aws_neuronx_venv_pytorch_2_8/bin/python imports torch_neuronx")
     one(findings, "nginx version: nginx/1.24.0")
     assert one(findings, "plan: 12 group(s)").what.endswith("bert-11 (cores 22-23)")
-    one(findings, f"port(s) {', '.join(str(p) for p in range(BASE_PORT, BASE_PORT + 12))}, {FRONT_PORT} free")
+    ports = [*range(BASE_PORT, BASE_PORT + 12), *range(BASE_PORT + 1000, BASE_PORT + 1012), FRONT_PORT, FRONT_PORT + 1]
+    one(findings, f"port(s) {', '.join(map(str, ports))} free")
     one(findings, "model bert: 2 bucket(s) compiled for neuron (inf2)")
     # exactly the probes NEURON.md describes, nothing else
     assert machine.calls[0] == [str(machine.path("/opt/aws/neuron/bin/neuron-ls")), "--output-format", "json"]
@@ -292,7 +294,7 @@ def test_cpu_doctor_end_to_end(tmp_path):
     base, front = free_port(), free_port()
     models = ('[models.emb]\ntask = "text-classification"\nsource = "/srv/bert"\ngroups = 1\n'
               "batch_sizes = [1, 4]\nsequence_lengths = [128]\n")
-    path = write_config(tmp_path, backend="cpu", models=models, base_port=base, front_port=front)
+    path = write_config(tmp_path, backend="cpu", models=models, base_port=base, front_port=front, grpc=False)
     compiled(tmp_path, name="emb", backend="cpu", target="cpu")
     result = CliRunner().invoke(main, ["doctor", "--config", str(path), "--json"])
     report = json.loads(result.output)
@@ -318,7 +320,7 @@ def test_cpu_doctor_end_to_end(tmp_path):
 def test_cpu_port_held_by_a_neuronserve_group_is_ok(tmp_path):
     base, front = free_port(), free_port()
     models = '[models.emb]\ntask = "feature-extraction"\nsource = "/srv/x"\ngroups = 1\n'
-    path = write_config(tmp_path, backend="cpu", models=models, base_port=base, front_port=front)
+    path = write_config(tmp_path, backend="cpu", models=models, base_port=base, front_port=front, grpc=False)
     # a process whose command line is a group's (the app spec) listening on the group's port
     code = ("import socket, sys, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
             f"s.bind(('127.0.0.1', {base})); s.listen(); print('ready', flush=True); time.sleep(60)")

@@ -95,6 +95,10 @@ def test_port_conflicts(tmp_path):
         make_plan(cfg_from(tmp_path, text), host(4), python="py")
     cfg = cfg_from(tmp_path, model("a", copies=1))
     cfg.server.base_port = 65000
+    with pytest.raises(PlanError, match=r"group a-0 would serve gRPC on port 66000: lower server.base_port, or set "
+                                        r"server.grpc_base_port \(default: base_port \+ 1000\)"):
+        make_plan(cfg, host(600), python="py")
+    cfg.nginx.grpc_listen = ""
     with pytest.raises(PlanError, match="port 65536: lower server.base_port"):
         make_plan(cfg, host(600), python="py")
 
