@@ -148,3 +148,16 @@ def test_the_kserve_sdk_over_grpc_and_rest(stack):
         assert answers == expected, transport
     np.testing.assert_allclose(np.asarray(out["grpc"]["logits"]).ravel(),
                                np.asarray(out["rest"]["logits"]).ravel(), atol=1e-6)
+
+
+def test_tritonclient_http_through_the_front_answers_as_grpc(stack, client):
+    import tritonclient.http as triton_http
+
+    http = triton_http.InferenceServerClient(stack.front_url.removeprefix("http://"))
+    text = triton_http.InferInput("text", [len(TEXTS)], "BYTES")
+    text.set_data_from_numpy(np.array([t.encode() for t in TEXTS], dtype=object))
+    over_http = http.infer("cls", [text])
+    over_grpc = client.infer("cls", [text_input(TEXTS)])
+    np.testing.assert_allclose(over_http.as_numpy("logits"), over_grpc.as_numpy("logits"), atol=1e-6)
+    assert [json.loads(a) for a in over_http.as_numpy("answer")] == task_json(stack, "cls", TEXTS)
+    http.close()
