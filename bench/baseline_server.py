@@ -16,7 +16,7 @@ What the original does, and so what this does:
 One deliberate difference: the original logs the question and the answer at WARNING on every request
 (`quiet = False`); this one does not, which only makes the baseline faster.
 
-It loads the `b1_s<seq>.pt` artifact of a neuronserve-compiled model directory (the same traced model the
+It loads the batch-1 bucket's trace of a neuronserve-compiled model directory (the same traced model the
 other two measurements run) and its saved tokenizer. Run one process with
 
     BASELINE_MODEL_DIR=<compiled model dir> BASELINE_CORE=0 \
@@ -46,7 +46,7 @@ def create_app(model_dir: str | None = None, core: int | None = None, copies: in
     import transformers
     from fastapi import FastAPI, responses
 
-    from neuronserve.artifact import bucket_file, read_manifest
+    from neuronserve.artifact import read_manifest
 
     model_dir = Path(model_dir or os.environ["BASELINE_MODEL_DIR"])
     core = int(os.environ.get("BASELINE_CORE", "0") if core is None else core)
@@ -54,7 +54,7 @@ def create_app(model_dir: str | None = None, core: int | None = None, copies: in
     torch.set_num_threads(1)
     manifest = read_manifest(model_dir, backend="cpu")
     seq = max(manifest.sequence_lengths)
-    artifact = model_dir / bucket_file(1, seq)
+    artifact = model_dir / manifest.bucket(1, seq).file
     models = {f"model_{i}": torch.jit.load(str(artifact)).eval() for i in range(copies)}
     tokenizers = {name: transformers.AutoTokenizer.from_pretrained(str(model_dir / manifest.tokenizer))
                   for name in models}

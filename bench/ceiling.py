@@ -53,12 +53,12 @@ def _load(model_dir: Path, payload: dict, batch: int, cpus: list[int]):
     import torch
 
     from neuronserve import backends
-    from neuronserve.artifact import bucket_file, read_manifest
+    from neuronserve.artifact import read_manifest
 
     os.sched_setaffinity(0, cpus)
     manifest = read_manifest(model_dir, verify=False)
     seq = max(manifest.sequence_lengths)
-    run = backends.get("cpu").load(model_dir / bucket_file(batch, seq), copy_index=0, threads=len(cpus))
+    run = backends.get("cpu").load(model_dir / manifest.bucket(batch, seq).file, copy_index=0, threads=len(cpus))
     inputs = [torch.from_numpy(a) for a in sample_arrays(model_dir, payload, batch, seq)]
     for _ in range(2):          # the first calls of a TorchScript module optimise it
         run(*inputs)

@@ -2,7 +2,11 @@
 
     <model_repository>/<name>/
         manifest.json            this schema
-        b<batch>_s<seq>.pt       one traced artifact per (batch, sequence length) bucket
+        model.pt                 CPU and CUDA: one trace that runs every bucket it was checked at (one set of
+                                 weights for all of them)
+        b<batch>_s<seq>.pt       a trace of one (batch, sequence length) bucket: every bucket on Neuron, whose
+                                 compiled graphs have fixed shapes; on CPU and CUDA only a bucket whose outputs
+                                 from model.pt differ from its own trace's (the bucket's `own_trace` says why)
         tokenizer/               the tokenizer, saved with save_pretrained
 
 The server refuses an artifact whose backend is not its own, whose files fail their checksum, or whose
@@ -31,6 +35,8 @@ class Bucket(BaseModel):
     seq: int = Field(ge=1)
     file: str
     sha256: str
+    own_trace: str = Field("", description="why this bucket has a trace of its own rather than the shared one "
+                                           "(empty: shared, or a backend with fixed shapes)")
 
 
 class Warmup(BaseModel):
@@ -87,6 +93,9 @@ class Manifest(BaseModel):
         raise KeyError((batch, seq))
 
 
+SHARED_FILE = "model.pt"
+
+
 def bucket_file(batch: int, seq: int) -> str:
     return f"b{batch}_s{seq}.pt"
 
@@ -130,10 +139,11 @@ def read_manifest(directory: Path, *, backend: str | None = None, verify: bool =
         raise ArtifactError(f"{directory}: compiled for {manifest.backend} ({manifest.target}), but this group "
                             f"serves on {backend}; run `neuronserve compile --backend {backend}` for it")
     if verify:
+        digests: dict[str, str] = {}    # buckets share files: each is read once
         for b in manifest.buckets:
             f = Path(directory) / b.file
             try:
-                digest = sha256_file(f)
+                digest = digests.get(b.file) or digests.setdefault(b.file, sha256_file(f))
             except OSError as e:
                 raise ArtifactError(f"{f}: cannot read artifact: {e.strerror or e}") from None
             if digest != b.sha256:

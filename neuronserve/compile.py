@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from neuronserve import __version__, tasks
-from neuronserve.artifact import Bucket, Manifest, Warmup, bucket_file, sha256_file, write_manifest
+from neuronserve.artifact import SHARED_FILE, Bucket, Manifest, Warmup, bucket_file, sha256_file, write_manifest
 from neuronserve.errors import ArtifactError, ConfigError, DeviceError
 
 # progress(done, total, message): called once before the first step and after each step
@@ -92,28 +92,55 @@ def compile_model(source: Path, out: Path, *, name: str, task: str, backend: str
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.compiling-", dir=out.parent))
     workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+
+    def trace(batch: int, seq: int, what: str = ""):
+        example = _example(task, tokenizer, batch, seq, input_names)
+        bucket_dir = workdir / f"b{batch}_s{seq}{'_' + what if what else ''}"
+        bucket_dir.mkdir()
+        try:
+            with warnings.catch_warnings():
+                # "converting a tensor to a Python boolean": a bucket's shapes are fixed, as intended; a shared
+                # trace that baked one in is caught by the check of every bucket against its own trace
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.simplefilter("ignore", FutureWarning)    # transformers' deprecation notes
+                return engine.trace(module, example, target=target, workdir=bucket_dir,
+                                    compiler_args=list(compiler_args), dtype=dtype)
+        except (ArtifactError, DeviceError):
+            raise
+        except Exception as e:   # the compilers raise anything; the message is what the user needs
+            kept = f"; compiler files kept in {workdir}" if any(bucket_dir.iterdir()) else ""
+            raise ArtifactError(f"tracing {name} {what + ' trace at ' if what else ''}bucket batch {batch} x seq "
+                                f"{seq} for {target} failed: {type(e).__name__}: {e}{kept}") from e
     try:
+        atol = tasks.warmup_atol(backend, dtype)
+        shared = None
+        if engine.shape_generic:
+            # one trace at the largest shape serves every bucket whose outputs it reproduces (one set of weights)
+            largest = (max(batch_sizes), max(sequence_lengths))
+            shared = trace(*largest, "shared")
+            engine.save(shared, stage / SHARED_FILE)
+            shared_sha = sha256_file(stage / SHARED_FILE)
         for i, (batch, seq) in enumerate(buckets):
             t0 = time.monotonic()
-            example = _example(task, tokenizer, batch, seq, input_names)
-            bucket_dir = workdir / f"b{batch}_s{seq}"
-            bucket_dir.mkdir()
-            try:
-                with warnings.catch_warnings():
-                    # "converting a tensor to a Python boolean": shapes are fixed per bucket, as intended
-                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                    warnings.simplefilter("ignore", FutureWarning)    # transformers' deprecation notes
-                    traced = engine.trace(module, example, target=target, workdir=bucket_dir,
-                                          compiler_args=list(compiler_args), dtype=dtype)
-            except (ArtifactError, DeviceError):
-                raise
-            except Exception as e:   # the compilers raise anything; the message is what the user needs
-                kept = f"; compiler files kept in {workdir}" if any(bucket_dir.iterdir()) else ""
-                raise ArtifactError(f"tracing {name} bucket batch {batch} x seq {seq} for {target} failed: "
-                                    f"{type(e).__name__}: {e}{kept}") from e
+            bucket = manifest.buckets[i]
+            if shared is not None and (batch, seq) == largest:
+                bucket.file, bucket.sha256 = SHARED_FILE, shared_sha
+                report(i + 2, total, f"traced batch {batch} x seq {seq} (shared, {time.monotonic() - t0:.1f}s)")
+                continue
+            traced = trace(batch, seq)
+            if shared is not None:
+                example = _example(task, tokenizer, batch, seq, input_names)
+                differs = _differs(engine.run(shared, example), engine.run(traced, example), manifest.output_names,
+                                   atol)
+                if not differs:
+                    bucket.file, bucket.sha256 = SHARED_FILE, shared_sha
+                    report(i + 2, total, f"checked batch {batch} x seq {seq} on the shared trace "
+                                         f"({time.monotonic() - t0:.1f}s)")
+                    continue
+                bucket.own_trace = f"the shared trace's {differs}"
             path = stage / bucket_file(batch, seq)
             engine.save(traced, path)
-            manifest.buckets[i].sha256 = sha256_file(path)
+            bucket.sha256 = sha256_file(path)
             report(i + 2, total, f"traced batch {batch} x seq {seq} ({time.monotonic() - t0:.1f}s)")
         try:
             tokenizer.save_pretrained(str(stage / manifest.tokenizer))
@@ -434,6 +461,17 @@ def _example(task: str, tokenizer, batch: int, seq: int, input_names: list[str])
     items = list(itertools.islice(itertools.cycle(tasks.warmup_items(task, tokenizer)), batch))
     encoded = tasks.encode(task, tokenizer, [tasks.item_from_json(it) for it in items], seq, truncation=True)
     return tuple(torch.from_numpy(a) for a in tasks.pad(encoded, batch, seq, input_names))
+
+
+def _differs(got: Sequence, want: Sequence, names: Sequence[str], atol: float) -> str:
+    """'' when every output of `got` is within `atol` of `want`'s, else what differs (for the manifest)."""
+    for name, a, b in zip(names, got, want):
+        if a.shape != b.shape:
+            return f"{name} has shape {list(a.shape)}, its own trace's {list(b.shape)}"
+        worst = float((a - b).abs().max()) if a.numel() else 0.0
+        if not worst <= atol:
+            return f"{name} differs from its own trace's by {worst:.3g} (over {atol:g})"
+    return ""
 
 
 def _warmup(task: str, tokenizer, module, manifest: Manifest, atol: float) -> Warmup:

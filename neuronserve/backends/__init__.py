@@ -21,6 +21,9 @@ class Backend:
     name: str = ""
     # the attention kernel the model is loaded with before tracing: "eager" lowers everywhere
     attn_implementation: str = "sdpa"
+    # TorchScript traces of these encoders run at any input shape: one trace (one set of weights) can serve every
+    # bucket, checked per bucket at compile time. Neuron's compiled graphs have fixed shapes.
+    shape_generic: bool = False
 
     def unavailable(self) -> str | None:
         """None when this backend's framework can be used here, else why not (and what to install)."""
@@ -64,9 +67,14 @@ class Backend:
         """Load one copy of an artifact; the returned callable runs one padded batch."""
         raise NotImplementedError
 
+    def run(self, traced, example: Sequence) -> tuple:
+        """Run what `trace` returned on CPU `example` inputs (compile's check of a shared trace)."""
+        return runner(traced)(*example)
+
 
 def runner(model, place: Callable = lambda t: t) -> Runner:
-    """Wrap a loaded module: inputs go through `place` (to the device), outputs come back float32 on the CPU."""
+    """Wrap a loaded module: inputs go through `place` (to the device), outputs come back float32 on the CPU.
+    The runner's `module` is the module (tests compare the weights copies hold)."""
     import torch
 
     def run(*inputs):
@@ -74,6 +82,7 @@ def runner(model, place: Callable = lambda t: t) -> Runner:
             out = model(*(place(t) for t in inputs))
         return tuple(o.float().cpu() for o in (out if isinstance(out, tuple) else (out,)))
 
+    run.module = model
     return run
 
 

@@ -1,6 +1,13 @@
-"""CPU: TorchScript traced in float32, executed with a fixed number of intra-op threads."""
+"""CPU: TorchScript traced in float32, executed with a fixed number of intra-op threads.
+
+The copies of a group share one loaded module per file: a frozen TorchScript module holds its weights as
+constants and is safe to call from several threads at once, so N copies cost one set of weights, not N.
+"""
 from __future__ import annotations
 
+import os
+import threading
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -9,6 +16,12 @@ from neuronserve.backends import Backend, Runner, runner
 
 class CpuBackend(Backend):
     name = "cpu"
+    shape_generic = True
+
+    def __init__(self):
+        # (file, inode, mtime) -> the loaded module, while some copy of this process holds it
+        self._modules: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
 
     def unavailable(self) -> str | None:
         try:
@@ -34,7 +47,14 @@ class CpuBackend(Backend):
         import torch
 
         torch.set_num_threads(threads)
-        return runner(torch.jit.load(str(path), map_location="cpu").eval())
+        stat = os.stat(path)
+        key = (str(path), stat.st_ino, stat.st_mtime_ns)
+        with self._lock:    # copies load at once, each on its thread: the first loads, the others wait for it
+            module = self._modules.get(key)
+            if module is None:
+                module = torch.jit.load(str(path), map_location="cpu").eval()
+                self._modules[key] = module
+        return runner(module)
 
 
 BACKEND = CpuBackend()

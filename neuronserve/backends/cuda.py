@@ -18,6 +18,7 @@ DEVICE = "cuda:0"
 
 class CudaBackend(Backend):
     name = "cuda"
+    shape_generic = True
 
     def unavailable(self) -> str | None:
         try:
@@ -62,7 +63,14 @@ class CudaBackend(Backend):
 
         torch.set_num_threads(threads)
         model = torch.jit.load(str(path), map_location=DEVICE).eval()
-        return runner(model, place=lambda t: t.to(DEVICE))
+        return runner(model, place=_to_device)
+
+    def run(self, traced, example: Sequence) -> tuple:
+        return runner(traced, place=_to_device)(*example)
+
+
+def _to_device(tensor):
+    return tensor.to(DEVICE)
 
 
 BACKEND = CudaBackend()

@@ -1,7 +1,7 @@
 """N model copies, each on its own thread, pulling batches from the shared Batcher.
 
-A copy loads one runner per compiled bucket (backends.get(backend).load), runs the known-answer warm-up, and only
-then takes work. It pads a batch (tasks.pad), runs it, cuts the outputs into per-item rows (decoding answers for
+A copy loads one runner per compiled file (backends.get(backend).load; buckets may share one trace), runs the
+known-answer warm-up, and only then takes work. It pads a batch (tasks.pad), runs it, cuts the outputs into per-item rows (decoding answers for
 requests that want them, here, off the event loop) and hands them back with one call_soon_threadsafe per batch.
 
 A copy stuck in one batch for longer than the request timeout is given up on: a fresh copy with the same index
@@ -114,9 +114,10 @@ class Executor:
 
     def _serve(self, copy: Copy) -> None:
         try:
-            runners = {(b.batch, b.seq): self.load(self.model_dir / b.file, copy_index=copy.index,
-                                                   threads=self.threads)
-                       for b in self.manifest.buckets}
+            # one load per file: buckets that share a trace share its weights (and, on the CPU, so do copies)
+            loaded = {file: self.load(self.model_dir / file, copy_index=copy.index, threads=self.threads)
+                      for file in dict.fromkeys(b.file for b in self.manifest.buckets)}
+            runners = {(b.batch, b.seq): loaded[b.file] for b in self.manifest.buckets}
         except Exception as e:  # a device or framework failure: the message is what the operator needs
             log.error("copy %d: cannot load the model: %s", copy.index, e)
             self._set_state(copy, "failed", f"copy {copy.index}: cannot load the model: {e}")

@@ -269,7 +269,7 @@ def test_apply_after_a_config_edit_under_load_loses_no_request(box):
 def test_an_artifact_the_service_user_cannot_read_fails_the_start_with_one_line(box):
     """Permission denied is a missing artifact's boot error: one line naming the file, exit 3, no restart loop
     (RestartPreventExitStatus=3); readable again, the group starts."""
-    bucket = f"{REPO}/tiny/b4_s32.pt"
+    bucket = f"{REPO}/tiny/model.pt"     # the trace every bucket shares
     box.run(["chmod", "600", bucket])              # root's own: the neuronserve user may not read it
     try:
         box.run(["systemctl", "restart", UNITS[0]], check=False)

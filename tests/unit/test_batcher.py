@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from neuronserve import tasks
+from neuronserve.artifact import read_manifest
 from neuronserve.server.batcher import Batcher, ServeError, Work
 from neuronserve.server.model import ServedModel
 from neuronserve.tasks import load_tokenizer
@@ -209,7 +210,7 @@ def eager_logits(artifact, tokenizer, texts):
     out = []
     for item in tasks.encode(TASK, tokenizer, texts, 128, truncation=False):
         seq = 32 if item.length <= 32 else 128
-        module = torch.jit.load(str(artifact / f"b1_s{seq}.pt"))
+        module = torch.jit.load(str(artifact / read_manifest(artifact).bucket(1, seq).file))
         arrays = tasks.pad([item], 1, seq, ["input_ids", "attention_mask", "token_type_ids"])
         out.append(module(*map(torch.from_numpy, arrays))[0][0].detach().numpy())
     return np.stack(out)
@@ -239,7 +240,7 @@ def test_batched_answers_equal_one_by_one(artifact, tokenizer):
 
 
 def test_client_gone_is_dropped_and_timeout_gets_504_then_the_copy_is_replaced(artifact, tokenizer):
-    loader = GatedLoader(gated={0, 1, 2, 3})     # the first copy's four bucket runners hang once armed
+    loader = GatedLoader(gated={0})     # the first copy's runner (one trace for every bucket) hangs once armed
 
     async def main():
         model = ServedModel(settings_for(artifact, copies=1, timeout_s=1.0), load=loader)
@@ -262,7 +263,7 @@ def test_client_gone_is_dropped_and_timeout_gets_504_then_the_copy_is_replaced(a
                 await hung
             # the watchdog gives the stuck copy up and loads a fresh one, which serves the next request
             deadline = time.monotonic() + 60
-            while loader.loads < 8:
+            while loader.loads < 2:     # the first copy's one load, then its replacement's
                 assert time.monotonic() < deadline, "no replacement copy was loaded"
                 await asyncio.sleep(0.05)
             after = await model.infer(["served by the replacement"], tokenize=True, options=DEFAULTS,
@@ -278,3 +279,36 @@ def test_client_gone_is_dropped_and_timeout_gets_504_then_the_copy_is_replaced(a
     assert after.answers[0][0]["label"] in ("NEGATIVE", "POSITIVE")
     assert model.batcher.dropped == 1    # the departed client's item never ran
     assert model.ready
+
+
+def weight_pointers(module) -> list[int]:
+    """The data pointers of a frozen TorchScript module's weights (graph constants once frozen)."""
+    return [node.output().toIValue().data_ptr() for node in module.graph.findAllNodes("prim::Constant")
+            if node.output().type().kind() == "TensorType"]
+
+
+def test_buckets_and_copies_share_one_set_of_weights(artifact):
+    from neuronserve import backends
+
+    loads = []
+
+    def load(path, **kw):
+        run = backends.get("cpu").load(path, **kw)
+        loads.append((path.name, run))
+        return run
+
+    manifest = read_manifest(artifact)
+    assert len(manifest.buckets) == 4 and {b.file for b in manifest.buckets} == {"model.pt"}
+
+    async def main():
+        model = ServedModel(settings_for(artifact, copies=2), load=load)
+        await started(model)
+        model.close()
+
+    asyncio.run(main())
+    # one load per copy, of the one file every bucket names; and both copies hold the same weights
+    assert [name for name, _ in loads] == ["model.pt", "model.pt"]
+    (_, a), (_, b) = loads
+    assert a.module is b.module
+    pointers = weight_pointers(a.module)
+    assert len(pointers) > 10 and pointers == weight_pointers(b.module)

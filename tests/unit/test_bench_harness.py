@@ -50,7 +50,7 @@ def expected_answer(model_dir, question: str, context: str) -> str:
     manifest = read_manifest(model_dir)
     tok = transformers.AutoTokenizer.from_pretrained(str(model_dir / manifest.tokenizer))
     enc = tok(question, context, return_tensors="pt", max_length=128, padding="max_length", truncation=True)
-    model = torch.jit.load(str(model_dir / "b1_s128.pt"))
+    model = torch.jit.load(str(model_dir / manifest.bucket(1, 128).file))
     with torch.inference_mode():
         start_logits, end_logits = model(*(enc[n] for n in manifest.input_names))
     start, end = int(start_logits.argmax()), int(end_logits.argmax()) + 1

@@ -68,15 +68,15 @@ def test_manifest_describes_the_artifact(compiled, tiny_model_dir, task):
     assert manifest.source == str(tiny_model_dir(task).resolve())
     assert manifest.input_names == ["input_ids", "attention_mask", "token_type_ids"]
     assert manifest.output_names == list(tasks.TASKS[task].output_names)
-    assert [(b.batch, b.seq, b.file) for b in manifest.buckets] == [
-        (1, 16, "b1_s16.pt"), (1, 32, "b1_s32.pt"), (2, 16, "b2_s16.pt"), (2, 32, "b2_s32.pt")]
+    # one trace for every bucket: its outputs at each bucket's shape were checked against that bucket's own trace
+    assert [(b.batch, b.seq, b.file, b.own_trace) for b in manifest.buckets] == [
+        (1, 16, "model.pt", ""), (1, 32, "model.pt", ""), (2, 16, "model.pt", ""), (2, 32, "model.pt", "")]
     assert {"torch", "transformers", "neuronserve"} <= set(manifest.versions)
     assert manifest.labels == ({str(i): label for i, label in enumerate(random_models.DEFAULT_LABELS[task])}
                                if task in compiler.LABELLED_TASKS else {})
     assert (manifest.pooling, manifest.normalize) == (("mean", False) if task == "feature-extraction" else
                                                       ("none", False))
-    assert sorted(p.name for p in out.iterdir()) == sorted([b.file for b in manifest.buckets] + ["manifest.json",
-                                                                                                  "tokenizer"])
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pt", "tokenizer"]
     # readable by the unprivileged server user, whoever compiled
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert stat.S_IMODE((out / "manifest.json").stat().st_mode) == 0o644
@@ -118,7 +118,7 @@ def test_warmup_is_the_known_answer_of_every_copy(compiled, task):
     # the server does exactly this with each loaded copy of the bucket the batch lands in
     runs = []
     for arrays, its in batches:
-        run = get("cpu").load(out / f"b{arrays[0].shape[0]}_s{arrays[0].shape[1]}.pt", copy_index=0, threads=1)
+        run = get("cpu").load(out / manifest.bucket(*arrays[0].shape).file, copy_index=0, threads=1)
         runs.append(([o.numpy() for o in run(*(torch.from_numpy(a) for a in arrays))], its))
     got = tasks.warmup_outputs(runs, manifest.output_names)
     assert tasks.warmup_mismatch(manifest, got, items) is None
@@ -139,6 +139,33 @@ def test_tokenizer_is_saved_with_the_artifact(compiled, minilm_dir):
     assert saved("Tokenize me, please.")["input_ids"] == original("Tokenize me, please.")["input_ids"]
 
 
+def test_a_bucket_the_shared_trace_does_not_reproduce_keeps_its_own(tiny_model_dir, tmp_path, monkeypatch):
+    """A trace that baked a shape in (here: the shared trace made to answer 0.5 off at batch 1) is caught by the
+    check of every bucket against the bucket's own trace, which is then kept, with the reason in the manifest."""
+    real_trace, real_run, traced = cpu_backend.CpuBackend.trace, cpu_backend.CpuBackend.run, []
+
+    def trace(self, module, example, **kw):
+        traced.append(real_trace(self, module, example, **kw))
+        return traced[-1]
+
+    def run(self, module, example):
+        out = real_run(self, module, example)
+        return tuple(o + 0.5 for o in out) if module is traced[0] and example[0].shape[0] == 1 else out
+
+    monkeypatch.setattr(cpu_backend.CpuBackend, "trace", trace)
+    monkeypatch.setattr(cpu_backend.CpuBackend, "run", run)
+    out = tmp_path / "clf"
+    manifest = compile_tiny(tiny_model_dir, out, "text-classification")
+    assert [(b.batch, b.seq, b.file) for b in manifest.buckets] == [
+        (1, 16, "b1_s16.pt"), (1, 32, "b1_s32.pt"), (2, 16, "model.pt"), (2, 32, "model.pt")]
+    assert manifest.bucket(1, 16).own_trace == "the shared trace's logits differs from its own trace's by 0.5 " \
+                                               "(over 0.001)"
+    assert manifest.bucket(2, 16).own_trace == ""
+    assert read_manifest(out, backend="cpu") == manifest     # every file's checksum, the shared one once
+    assert sorted(p.name for p in out.iterdir()) == ["b1_s16.pt", "b1_s32.pt", "manifest.json", "model.pt",
+                                                     "tokenizer"]
+
+
 def test_loading_for_another_backend_or_a_damaged_file_is_refused(compiled, tmp_path):
     out, _ = compiled["text-classification"]
     copy = tmp_path / "copy"
@@ -146,10 +173,10 @@ def test_loading_for_another_backend_or_a_damaged_file_is_refused(compiled, tmp_
     with pytest.raises(ArtifactError, match=r"compiled for cpu \(cpu\), but this group serves on neuron; run "
                                             r"`neuronserve compile --backend neuron`"):
         read_manifest(copy, backend="neuron")
-    with open(copy / "b2_s16.pt", "r+b") as f:
+    with open(copy / "model.pt", "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02")
-    with pytest.raises(ArtifactError, match=r"b2_s16.pt: checksum mismatch"):
+    with pytest.raises(ArtifactError, match=r"model.pt: checksum mismatch"):
         read_manifest(copy, backend="cpu")
 
 
@@ -165,7 +192,7 @@ def test_real_minilm_embeddings(minilm_dir, tmp_path):
              "A fast tokenizer."]
     items = tasks.encode("feature-extraction", tokenizer, texts, 32, truncation=True)
     arrays = tasks.pad(items, 4, 32, manifest.input_names)
-    [emb] = get("cpu").load(tmp_path / "minilm" / "b4_s32.pt", copy_index=0, threads=1)(
+    [emb] = get("cpu").load(tmp_path / "minilm" / manifest.bucket(4, 32).file, copy_index=0, threads=1)(
         *(torch.from_numpy(a) for a in arrays))
     # reference: sentence-transformers' recipe, written out, each sentence alone and unpadded
     with torch.no_grad():
@@ -189,7 +216,7 @@ def test_pooling_follows_modules_json(tiny_model_dir, tmp_path):
                                       backend="cpu", target="cpu", batch_sizes=[1], sequence_lengths=[16])
     assert (manifest.pooling, manifest.normalize) == ("cls", False)
     arrays = compiler._example("feature-extraction", _tokenizer(source), 1, 16, manifest.input_names)
-    [got] = get("cpu").load(tmp_path / "out" / "b1_s16.pt", copy_index=0, threads=1)(*arrays)
+    [got] = get("cpu").load(tmp_path / "out" / manifest.bucket(1, 16).file, copy_index=0, threads=1)(*arrays)
     [expected] = eager_outputs("feature-extraction", source, [a.numpy() for a in arrays], pooling="cls")
     assert torch.allclose(got, expected, atol=1e-5)
 
@@ -274,7 +301,8 @@ def test_failed_recompile_keeps_the_previous_artifact(tiny_model_dir, tmp_path, 
     with pytest.raises(ArtifactError if isinstance(failure, Exception) else KeyboardInterrupt) as e:
         compile_tiny(tiny_model_dir, out, "text-classification", batch_sizes=[1, 2], sequence_lengths=[16])
     if isinstance(failure, Exception):
-        assert "tracing clf bucket batch 2 x seq 16 for cpu failed: RuntimeError: compiler crashed" in str(e.value)
+        # the shared trace (at the largest shape, 2 x 16) went through; the check of bucket 1 x 16 failed
+        assert "tracing clf bucket batch 1 x seq 16 for cpu failed: RuntimeError: compiler crashed" in str(e.value)
     assert read_manifest(out, backend="cpu") == before
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
     assert [p.name for p in out.parent.iterdir()] == ["clf"]      # no staging or work directories left
@@ -286,7 +314,7 @@ def test_recompile_replaces_the_whole_directory(tiny_model_dir, tmp_path):
     (out / "stray.txt").write_text("from an older version")
     after = compile_tiny(tiny_model_dir, out, "text-classification", batch_sizes=[4], sequence_lengths=[32])
     assert read_manifest(out) == after
-    assert sorted(p.name for p in out.iterdir()) == ["b4_s32.pt", "manifest.json", "tokenizer"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pt", "tokenizer"]
     assert [p.name for p in tmp_path.iterdir()] == ["clf"]
 
 
@@ -373,7 +401,7 @@ def test_cli_compiles_the_configured_models(tmp_path, tiny_model_dir):
     assert f"clf: text-classification for cpu (cpu, float32), buckets 1x16 2x16 -> {tmp_path / 'repo' / 'clf'}" \
         in result.stdout
     # not a terminal: one log line per step
-    assert "compile clf: [2/4] traced batch 1 x seq 16" in result.stderr
+    assert "compile clf: [2/4] checked batch 1 x seq 16 on the shared trace" in result.stderr
     assert read_manifest(tmp_path / "repo" / "clf", backend="cpu").name == "clf"
 
 

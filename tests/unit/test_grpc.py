@@ -192,7 +192,7 @@ def test_errors_map_to_codes_with_rests_messages(served, change, code, words):
 
 def test_listens_once_warm_and_a_late_answer_is_deadline_exceeded(artifact):
     port = free_port()
-    loader = GatedLoader(gated={0, 1}, hold_loading=True)     # the copy's two bucket runners
+    loader = GatedLoader(gated={0}, hold_loading=True)     # the copy's one trace, for every bucket
     settings = settings_for(artifact, copies=1, grpc_port=port, timeout_s=0.5)
     with TestClient(create_app(settings, load=loader)) as client:
         with socket.socket() as s:      # refused while loading: nginx moves on to another group
