@@ -294,20 +294,24 @@ def test_cuda_compile_moves_module_and_inputs_to_the_gpu(tiny_model_dir, tmp_pat
     assert get("cuda").unavailable() is None
     manifest = compile_for(tiny_model_dir, tmp_path, "text-classification", backend="cuda", target="cuda",
                            dtype="float16" if half else "float32", batch_sizes=[1, 2], sequence_lengths=[16])
-    per_bucket = [("module.to", "cuda:0", "TaskModule")] + ([("module.half", "TaskModule")] if half else [])
-    expected = []
-    for batch in (1, 2):
-        expected += per_bucket + [("tensor.to", "cuda:0", (batch, 16), torch.int64)] * 3
-    assert gpu.moves == expected
+    per_trace = [("module.to", "cuda:0", "TaskModule")] + ([("module.half", "TaskModule")] if half else [])
+
+    def inputs(batch):
+        return [("tensor.to", "cuda:0", (batch, 16), torch.int64)] * 3
+
+    # the shared trace at the largest bucket; then bucket 1 x 16's own trace, and both run on its inputs on the
+    # GPU, to check that the shared trace answers as the bucket's own does
+    assert gpu.moves == per_trace + inputs(2) + per_trace + inputs(1) + inputs(1) + inputs(1)
+    assert {b.file for b in manifest.buckets} == {"model.pt"}
     assert (manifest.backend, manifest.target, manifest.dtype) == ("cuda", "cuda", "float16" if half else "float32")
     assert manifest.warmup.atol == (5e-2 if half else 1e-3)
     assert manifest.versions["cuda"] == "12.4" and manifest.versions["gpu"] == "NVIDIA H100 80GB HBM3"
 
     gpu.moves.clear()
-    run = get("cuda").load(tmp_path / "repo" / "m" / "b2_s16.pt", copy_index=0, threads=1)
+    run = get("cuda").load(tmp_path / "repo" / "m" / "model.pt", copy_index=0, threads=1)
     arrays = compiler._example("text-classification", _tok(tiny_model_dir), 2, 16, NAMES)
     [logits] = run(*arrays)
-    assert gpu.moves == [("jit.load", "b2_s16.pt", "cuda:0")] + [("tensor.to", "cuda:0", (2, 16), torch.int64)] * 3
+    assert gpu.moves == [("jit.load", "model.pt", "cuda:0")] + inputs(2)
     assert logits.dtype == torch.float32 and logits.device.type == "cpu"
     assert torch.allclose(logits, eager(tiny_model_dir, "text-classification", arrays)[0],
                           atol=manifest.warmup.atol)
