@@ -171,6 +171,11 @@ class ModelSection(_Section):
                     "back, so that steady load keeps its batches instead of falling apart into batches of one "
                     "(0: take what is queued at once)")
     max_queue: int = Field(256, ge=1, description="queued sequences per group before 503 + Retry-After")
+    pad_to_buckets: bool = Field(False, description="pad every batch to a compiled bucket; by default a batch runs "
+                                                    "at its own shape (its items, its longest item rounded up to 8) "
+                                                    "when the artifact's one trace runs any shape (CPU and CUDA)")
+    max_batch_tokens: int | None = Field(None, ge=1, description="most token slots (batch x sequence) one batch "
+                                                                 "may hold; a single item always runs")
     truncation: bool = Field(True, description="truncate text longer than the largest sequence bucket, else 422")
 
     @field_validator("batch_sizes", "sequence_lengths")

@@ -213,7 +213,8 @@ def make_plan(cfg: Config, host: Host, *, python: str | None = None) -> Plan:
                 group=gname, model=name, model_dir=Path(cfg.server.model_repository) / name,
                 backend=host.backend, copies=m.copies, threads=int(pin.get("NEURONSERVE_THREADS", 1)),
                 cpus=format_core_list(cpus), max_batch_delay_ms=m.max_batch_delay_ms,
-                return_wait_share=m.return_wait_share, max_queue=m.max_queue,
+                return_wait_share=m.return_wait_share, max_queue=m.max_queue, pad_to_buckets=m.pad_to_buckets,
+                max_batch_tokens=m.max_batch_tokens or 0,
                 truncation=m.truncation, timeout_s=cfg.server.timeout_s, log_level=cfg.server.log_level,
                 lend_dir=LEND_DIR if host.backend == "cpu" and cfg.cpu.lend_idle_cpus else "",
                 lend_min_batch_ms=cfg.cpu.lend_min_batch_ms, grpc_port=grpc_port, grpc_front=grpc_front)

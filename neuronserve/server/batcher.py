@@ -11,8 +11,14 @@ than the largest batch spreads over several batches (and copies). A copy asks `n
   rest: most clients send their next request on the answer to the last (a closed loop), and without the wait the
   first one back runs alone while the others queue behind it, so that k clients of a group settle into batches
   of one that take turns;
-- it takes entries in arrival order and picks the cheapest compiled (batch, seq) bucket that holds them (seq by the
-  longest item); when no bucket holds them all, the tail goes back to the front of the queue for the next batch;
+- it plans the batch from what is queued (a window of up to WINDOW batches' worth, the oldest item always in it):
+  with more than a batch waiting, the items nearest in length to one another (the shortest that still include
+  the oldest), so short items do not ride in a long item's padding; then, from each shape's measured run time
+  (`observe`: the warm-up's, then a running mean while serving), the plan with the least time per item: how many
+  of them, and in which compiled bucket or, when the artifact runs any shape (`exact_shapes`: a CPU or CUDA
+  shared trace), at the batch's own shape (its items, its longest item rounded up to SEQ_MULTIPLE). Before any
+  time is known, the first items in arrival order in the cheapest bucket that holds them. What is not taken goes
+  back to the front of the queue, in arrival order;
 - entries of a cancelled Work (client gone, timed out) are dropped without running.
 
 The queue is bounded (items): `submit` refuses with 503 + Retry-After when it is full.
@@ -53,15 +59,51 @@ class Work:
         self.t0 = 0.0                               # monotonic time it was queued (submit)
 
 
+WINDOW = 4             # batches' worth of queued items a plan looks at
+SEQ_MULTIPLE = 8       # an exact shape's sequence: the longest item rounded up to this (vector-friendly lengths)
+
+
 class Batch(NamedTuple):
     batch: int
     seq: int
     entries: list   # [(Work, item index)], at most `batch` of them
+    exact: bool = False     # a shape of its own, not a compiled bucket
+
+
+class Timings:
+    """Run time per (batch, seq) shape: a running mean of each shape measured, and for shapes not yet run, a
+    least-squares line through them in token slots (batch x seq): on these encoders time grows with the slots."""
+
+    def __init__(self):
+        self.mean: dict[tuple[int, int], float] = {}
+        self._sums = [0.0] * 5      # n, x, y, xx, xy over every shape's latest mean
+
+    def observe(self, shape: tuple[int, int], seconds: float) -> None:
+        old = self.mean.get(shape)
+        new = seconds if old is None else 0.8 * old + 0.2 * seconds
+        self.mean[shape] = new
+        x = float(shape[0] * shape[1])
+        for y, sign in ((old, -1.0), (new, 1.0)):
+            if y is not None:
+                for k, v in enumerate((1.0, x, y, x * x, x * y)):
+                    self._sums[k] += sign * v
+
+    def estimate(self, shape: tuple[int, int]) -> float | None:
+        known = self.mean.get(shape)
+        if known is not None:
+            return known
+        n, sx, sy, sxx, sxy = self._sums
+        if n < 1.5:
+            return None
+        x = shape[0] * shape[1]
+        spread = n * sxx - sx * sx
+        slope = max((n * sxy - sx * sy) / spread, 0.0) if spread > 1e-9 else sy / sx
+        return max((sy - slope * sx) / n + slope * x, 0.0) if spread > 1e-9 else slope * x
 
 
 class Batcher:
     def __init__(self, buckets: Iterable[tuple[int, int]], *, max_queue: int, max_delay_s: float,
-                 return_wait_share: float = 0.0):
+                 return_wait_share: float = 0.0, exact_shapes: bool = False, max_batch_tokens: int | None = None):
         # cheapest first: fewer padded token slots, then the shorter sequence (attention grows with its square)
         self.buckets = sorted(set(buckets), key=lambda bs: (bs[0] * bs[1], bs[1]))
         if not self.buckets:
@@ -71,6 +113,9 @@ class Batcher:
         self.max_queue = max_queue
         self.max_delay_s = max_delay_s
         self.return_wait_share = return_wait_share
+        self.exact_shapes = exact_shapes
+        self.max_batch_tokens = max_batch_tokens       # batch x seq a plan may not exceed (one item always may)
+        self.timings = Timings()
         # entries in the batch taken last (by any copy: with several, a copy's done() may count another's batch,
         # which only sizes a bounded wait)
         self._last_taken = 0
@@ -149,30 +194,95 @@ class Batcher:
             if self._queue:
                 self._cond.notify()
 
+    def observe(self, shape: tuple[int, int], seconds: float) -> None:
+        """A batch of `shape` ran in `seconds` (the copies report each one, the warm-up's included)."""
+        with self._cond:
+            self.timings.observe(shape, seconds)
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
 
     def _take(self) -> Batch | None:
-        entries = []
+        window = []
         queue = self._queue
-        while queue and len(entries) < self.max_batch:
+        while queue and len(window) < WINDOW * self.max_batch:
             entry = queue.popleft()
             if entry[0].cancelled:
                 self.dropped += 1
             else:
-                entries.append(entry)
-        if not entries:
+                window.append(entry)
+        if not window:
             return None
-        longest = list(accumulate((w.items[i].length for w, i in entries), max))
-        n = len(entries)
+        lengths = [w.items[i].length for w, i in window]
+        plan = self._least_time(lengths) if self.timings.mean else None
+        chosen, (batch, seq), exact = plan or self._first_fit(lengths)
+        taken = set(chosen)
+        queue.extendleft(reversed([e for j, e in enumerate(window) if j not in taken]))
+        return Batch(batch, seq, [window[j] for j in sorted(chosen)], exact)
+
+    def _first_fit(self, lengths: list[int]) -> tuple[list[int], tuple[int, int], bool]:
+        """The first items in arrival order, as many as one shape holds: the cheapest bucket, or their own."""
+        longest = list(accumulate(lengths[:self.max_batch], max))
+        n = len(longest)
         while True:
-            seq_needed = longest[n - 1]
+            shape = self._exact(n, longest[n - 1])
+            if shape is not None:
+                return list(range(n)), shape, True
             for b, s in self.buckets:
-                if b >= n and s >= seq_needed:
-                    if n < len(entries):
-                        queue.extendleft(reversed(entries[n:]))
-                        del entries[n:]
-                    return Batch(b, s, entries)
+                if b >= n and s >= longest[n - 1]:
+                    return list(range(n)), (b, s), False
             n -= 1     # n == 1 always fits: submit refused items longer than every bucket
+
+    def _least_time(self, lengths: list[int]) -> tuple[list[int], tuple[int, int], bool] | None:
+        """The items and shape that waste the least time, the oldest item (0) among them.
+
+        A plan's items are a run of neighbours in length order (no item rides with longer ones it could skip);
+        its efficiency is what its items would cost at their best (each at the least time per item any shape
+        holding it has) over its estimated time. The most efficient plan wins; ties go to more items."""
+        order = sorted(range(len(lengths)), key=lambda j: (lengths[j], j))
+        at = order.index(0)
+        ideal: dict[int, float] = {}
+        best = None
+        for hi in range(at, min(len(order), at + self.max_batch)):
+            longest = lengths[order[hi]]
+            for lo in range(max(0, hi - self.max_batch + 1), at + 1):
+                n = hi - lo + 1
+                shape, own = self._shape(n, longest)
+                if n > 1 and self.max_batch_tokens and shape[0] * shape[1] > self.max_batch_tokens:
+                    continue
+                seconds = self.timings.estimate(shape)
+                if seconds is None:
+                    return None
+                worth = 0.0
+                for j in order[lo:hi + 1]:
+                    length = lengths[j]
+                    if length not in ideal:
+                        ideal[length] = self._ideal(length)
+                    worth += ideal[length]
+                efficiency = worth / max(seconds, 1e-12)
+                if best is None or efficiency > best[0] * (1 + 1e-9) or (
+                        efficiency >= best[0] * (1 - 1e-9) and n > len(best[1])):
+                    best = (efficiency, order[lo:hi + 1], shape, own)
+        return None if best is None else best[1:]
+
+    def _shape(self, n: int, longest: int) -> tuple[tuple[int, int], bool]:
+        """(the shape n items up to `longest` tokens run in, whether it is their own): their own shape when the
+        artifact runs any, else the cheapest bucket that holds them."""
+        exact = self._exact(n, longest)
+        if exact is not None:
+            return exact, True
+        return next((b, s) for b, s in self.buckets if b >= n and s >= longest), False
+
+    def _ideal(self, length: int) -> float:
+        """An item's time at its best: the least time per item of any full shape that holds it."""
+        if self.exact_shapes:
+            return (self.timings.estimate(self._exact(self.max_batch, length)) or 0.0) / self.max_batch
+        return min((self.timings.estimate((b, s)) or 0.0) / b for b, s in self.buckets if s >= length)
+
+    def _exact(self, n: int, longest: int) -> tuple[int, int] | None:
+        """The batch's own shape, when the artifact runs any (None otherwise)."""
+        if not self.exact_shapes:
+            return None
+        return n, min(-(-longest // SEQ_MULTIPLE) * SEQ_MULTIPLE, self.max_seq)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from neuronserve import tasks
-from neuronserve.artifact import Manifest
+from neuronserve.artifact import SHARED_FILE, Manifest
 from neuronserve.server.batcher import Batch, Batcher, ServeError
 from neuronserve.server.lending import UNLENT, Lending
 from neuronserve.server.metrics import Metrics
@@ -118,6 +118,7 @@ class Executor:
             loaded = {file: self.load(self.model_dir / file, copy_index=copy.index, threads=self.threads)
                       for file in dict.fromkeys(b.file for b in self.manifest.buckets)}
             runners = {(b.batch, b.seq): loaded[b.file] for b in self.manifest.buckets}
+            shared = loaded.get(SHARED_FILE)    # runs the batches of exact shapes (Batch.exact)
         except Exception as e:  # a device or framework failure: the message is what the operator needs
             log.error("copy %d: cannot load the model: %s", copy.index, e)
             self._set_state(copy, "failed", f"copy {copy.index}: cannot load the model: {e}")
@@ -142,7 +143,7 @@ class Executor:
             with copy.lock:
                 copy.busy_since = time.monotonic()
             try:
-                self._run(runners, buffers, batch, busy, copy.seat)
+                self._run(runners.get((batch.batch, batch.seq)) or shared, buffers, batch, busy, copy.seat)
             finally:
                 self._release(copy, ran=True)
 
@@ -164,10 +165,13 @@ class Executor:
                 return mismatch
             for (b, s), runner in runners.items():
                 arrays = tasks.pad(items[:b], b, s, self.manifest.input_names)
-                for _ in range(WARMUP_RUNS - runs[(b, s)]):
+                for _ in range(max(WARMUP_RUNS - runs[(b, s)], 1)):
                     # through the seat: lending compares a lent batch with these own-CPU times
+                    started = time.perf_counter()
                     with seat.run((b, s), lone=False):
                         self._call(runner, arrays)
+                # the last, settled run: the batch planner's first estimate of this shape
+                self.batcher.observe((b, s), time.perf_counter() - started)
             return None
         except Exception as e:
             return f"the warm-up run failed: {e}"
@@ -177,7 +181,7 @@ class Executor:
         out = runner(*[torch.from_numpy(a) for a in arrays])
         return [o.numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in out]
 
-    def _run(self, runners: dict, buffers: dict, batch: Batch, busy, seat) -> None:
+    def _run(self, runner, buffers: dict, batch: Batch, busy, seat) -> None:
         entries = batch.entries
         items = [w.items[i] for w, i in entries]
         now = time.monotonic()
@@ -185,16 +189,18 @@ class Executor:
         started = time.perf_counter()
         bucket = (batch.batch, batch.seq)
         try:
-            arrays = tasks.pad(items, batch.batch, batch.seq, self.manifest.input_names, out=buffers[bucket])
+            arrays = tasks.pad(items, batch.batch, batch.seq, self.manifest.input_names, out=buffers.get(bucket))
             with seat.run(bucket, lone=self.batcher.depth == 0):
-                outputs = self._call(runners[bucket], arrays)
+                outputs = self._call(runner, arrays)
         except Exception as e:
-            log.exception("batch of %d in bucket (%d, %d) failed", len(items), batch.batch, batch.seq)
+            log.exception("batch of %d in shape (%d, %d) failed", len(items), batch.batch, batch.seq)
             self._loop.call_soon_threadsafe(_fail, entries, ServeError(500, f"inference failed: {e}"))
             return
         finally:
-            busy.inc(time.perf_counter() - started)
-        self.metrics.batch(len(items), bucket, sum(item.length for item in items), waits)
+            seconds = time.perf_counter() - started
+            busy.inc(seconds)
+        self.batcher.observe(bucket, seconds)
+        self.metrics.batch(len(items), bucket, sum(item.length for item in items), waits, exact=batch.exact)
         live = [row for row, (work, _) in enumerate(entries) if not work.cancelled]
         wanted = [row for row in live if entries[row][0].options is not None]
         answers = dict.fromkeys(live)

@@ -61,7 +61,7 @@ class Metrics:
         self.ready = make(Gauge, "neuronserve_ready", "1 once the warm-up gave the known answer").labels(**labels)
         self._labels = labels
         self._by_code: dict[int, Counter] = {}
-        self._by_bucket: dict[tuple[int, int], Counter] = {}
+        self._by_bucket: dict[str, Counter] = {}
 
     def request(self, code: int, seconds: float) -> None:
         counter = self._by_code.get(code)
@@ -74,9 +74,11 @@ class Metrics:
         """The busy-seconds counter of one copy (created at zero so rates exist before the first batch)."""
         return self._busy.labels(copy=str(copy), **self._labels)
 
-    def batch(self, items: int, bucket: tuple[int, int], tokens: int, waits: list[float]) -> None:
+    def batch(self, items: int, bucket: tuple[int, int], tokens: int, waits: list[float], *,
+              exact: bool = False) -> None:
         """One executed batch: its real items and tokens in `bucket` (batch, sequence), and how long each item
-        had waited in the queue."""
+        had waited in the queue. Batches run at their own shape (`exact`) count under bucket="exact": one series,
+        not one per shape."""
         batch, seq = bucket
         self.batch_size.observe(items)
         self.batch_fill.observe(items / batch)
@@ -85,9 +87,10 @@ class Metrics:
         self.token_slots.inc(batch * seq)
         for wait in waits:
             self.queue_time.observe(wait)
-        counter = self._by_bucket.get(bucket)
+        key = "exact" if exact else f"{batch}x{seq}"
+        counter = self._by_bucket.get(key)
         if counter is None:
-            counter = self._by_bucket[bucket] = self._bucket_calls.labels(bucket=f"{batch}x{seq}", **self._labels)
+            counter = self._by_bucket[key] = self._bucket_calls.labels(bucket=key, **self._labels)
         counter.inc()
 
     def render(self) -> bytes:

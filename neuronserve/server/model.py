@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 import numpy as np
 
 from neuronserve import backends, tasks
-from neuronserve.artifact import read_manifest
+from neuronserve.artifact import SHARED_FILE, read_manifest
 from neuronserve.errors import ArtifactError
 from neuronserve.server import lending
 from neuronserve.server.batcher import Batcher, ServeError, Work
@@ -46,9 +46,12 @@ class ServedModel:
         self.tokenizer = tasks.load_tokenizer(settings.model_dir / manifest.tokenizer)
         self.vocab_size = len(self.tokenizer)
         self.metrics = Metrics(settings.model, settings.group)
+        # a batch runs at its own shape when one trace serves every bucket (CPU, CUDA) and nobody asked for buckets
+        exact = not settings.pad_to_buckets and all(b.file == SHARED_FILE for b in manifest.buckets)
         self.batcher = Batcher([(b.batch, b.seq) for b in manifest.buckets], max_queue=settings.max_queue,
                                max_delay_s=settings.max_batch_delay_ms / 1000,
-                               return_wait_share=settings.return_wait_share)
+                               return_wait_share=settings.return_wait_share, exact_shapes=exact,
+                               max_batch_tokens=settings.max_batch_tokens or None)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
         try:
             warmup = tasks.warmup_batches(self.task, self.tokenizer, manifest)

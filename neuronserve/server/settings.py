@@ -32,6 +32,8 @@ class ServerSettings(BaseModel):
     max_batch_delay_ms: float = Field(1.0, ge=0)
     return_wait_share: float = Field(0.02, ge=0, le=0.5)
     max_queue: int = Field(256, ge=1)
+    pad_to_buckets: bool = False
+    max_batch_tokens: int = Field(0, ge=0, description="0: no limit")
     truncation: bool = True
     timeout_s: float = Field(30.0, gt=0)
     grpc_port: int = Field(0, ge=0, le=65535, description="KServe v2 gRPC on 127.0.0.1:grpc_port; 0: no gRPC")

@@ -60,6 +60,91 @@ def test_picks_the_smallest_bucket_that_fits(tokenizer):
     assert batch[:2] == (4, 128) and taken(batch) == [5, 62]
 
 
+# ---------------------------------------------------------------- the planner, on recorded run times
+
+class Length:
+    """A stand-in item: the planner reads only its length."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+
+def queued(b: Batcher, *lengths: int) -> Work:
+    w = work([Length(n) for n in lengths])
+    b.submit(w)
+    return w
+
+
+# the tiny BERT's buckets with run times as a warm-up would record them (s): the fixed cost per call dominates
+# small batches, as on an accelerator
+RECORDED = {(1, 32): 0.010, (4, 32): 0.016, (8, 32): 0.024, (1, 128): 0.020, (4, 128): 0.050, (8, 128): 0.090}
+
+
+def planner(exact: bool = False, **kw) -> Batcher:
+    b = Batcher(RECORDED, max_queue=256, max_delay_s=0, exact_shapes=exact, **kw)
+    for shape, seconds in RECORDED.items():
+        b.observe(shape, seconds)
+    return b
+
+
+def test_the_plan_with_the_least_time_per_item_wins():
+    b = planner()
+    queued(b, 10, 10)
+    # 2 items: batch 4 costs 0.016 / 2 = 0.008 an item, two batch-1 calls 0.010 each
+    assert b.next_batch()[:2] == (4, 32)
+    b.done()
+    # one long item among short ones: the short ones go together in a 32 bucket, the long one waits for the next
+    w = queued(b, 10, 10, 10, 100, 10)
+    batch = b.next_batch()
+    assert batch[:2] == (4, 32) and [i for _, i in batch.entries] == [0, 1, 2, 4]
+    b.done()
+    assert b.next_batch()[:2] == (1, 128) and b.depth == 0 and w.items[3].length == 100
+
+
+def test_with_more_than_a_batch_waiting_items_near_in_length_ride_together_and_the_oldest_goes_first():
+    b = planner()
+    lengths = [120, 20, 110, 25, 115, 30, 100, 28, 20, 22, 24, 26]
+    w = queued(b, *lengths)
+    batch = b.next_batch()
+    # the oldest (120 tokens) must go now: with the other long ones in a 128 bucket, not with short ones that a
+    # 32 bucket holds for a fifth of the time
+    assert batch[:2] == (4, 128) and sorted(lengths[i] for _, i in batch.entries) == [100, 110, 115, 120]
+    b.done()
+    batch = b.next_batch()
+    assert batch[:2] == (8, 32) and all(w.items[i].length <= 30 for _, i in batch.entries)
+
+
+def test_exact_shapes_run_the_batch_at_its_own_length_rounded_up_to_8():
+    b = planner(exact=True)
+    queued(b, 10, 11, 12)
+    # 3 items of at most 12 tokens: (3, 16) is estimated from the line through the recorded times, and beats
+    # the 4 x 32 bucket
+    batch = b.next_batch()
+    assert (batch.batch, batch.seq, batch.exact) == (3, 16, True)
+    b.done()
+    b.observe((3, 16), 0.001)
+    assert b.timings.estimate((3, 16)) == 0.001     # measured shapes use their own running mean
+
+
+def test_max_batch_tokens_caps_a_plan_but_never_a_single_item():
+    b = planner(exact=True, max_batch_tokens=256)
+    queued(b, 100, 100, 100)
+    assert b.next_batch()[:2] == (2, 104)       # 3 x 104 would be 312 slots
+    b.done()
+    assert b.next_batch()[:2] == (1, 104)
+
+
+def test_without_recorded_times_the_first_items_take_the_cheapest_bucket_or_their_own_shape():
+    exact = Batcher(RECORDED, max_queue=64, max_delay_s=0, exact_shapes=True)
+    queued(exact, 10, 60, 10)
+    batch = exact.next_batch()
+    assert (batch.batch, batch.seq, batch.exact) == (3, 64, True)
+    buckets = Batcher(RECORDED, max_queue=64, max_delay_s=0)
+    queued(buckets, 10, 60, 10)
+    batch = buckets.next_batch()
+    assert (batch.batch, batch.seq, batch.exact) == (4, 128, False)
+
+
 def test_splits_a_large_request_in_arrival_order(tokenizer):
     b = Batcher(BUCKETS, max_queue=64, max_delay_s=0)
     w = work(items(tokenizer, *range(1, 11)))
