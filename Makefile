@@ -63,6 +63,7 @@ bench: sysdeps $(STAMP)
 	$(BIN)/python -m bench.routes
 	$(BIN)/python -m bench.versus $(BENCH_BEFORE)
 	$(BIN)/python -m bench.memory $(BENCH_BEFORE)
+	$(BIN)/python -m bench.load_shapes
 
 # generated from neuronserve/cli.py and config.py, and committed: tests/unit/test_docs.py fails until they match
 docs: $(STAMP)

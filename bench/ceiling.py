@@ -49,16 +49,22 @@ def sample_arrays(model_dir: Path, payload: dict, batch: int, seq: int):
     return tasks.pad(items * batch, batch, seq, manifest.input_names)
 
 
-def _load(model_dir: Path, payload: dict, batch: int, cpus: list[int]):
+def _load(model_dir: Path, payload: dict, batch: int, cpus: list[int], seq: int | None = None):
+    """The runner and inputs of shape [batch, seq] (default: the longest bucket): a compiled bucket's trace, or
+    any shape of the shared one."""
     import torch
 
     from neuronserve import backends
-    from neuronserve.artifact import read_manifest
+    from neuronserve.artifact import SHARED_FILE, read_manifest
 
     os.sched_setaffinity(0, cpus)
     manifest = read_manifest(model_dir, verify=False)
-    seq = max(manifest.sequence_lengths)
-    run = backends.get("cpu").load(model_dir / manifest.bucket(batch, seq).file, copy_index=0, threads=len(cpus))
+    seq = seq or max(manifest.sequence_lengths)
+    try:
+        file = manifest.bucket(batch, seq).file
+    except KeyError:
+        file = SHARED_FILE
+    run = backends.get("cpu").load(model_dir / file, copy_index=0, threads=len(cpus))
     inputs = [torch.from_numpy(a) for a in sample_arrays(model_dir, payload, batch, seq)]
     for _ in range(2):          # the first calls of a TorchScript module optimise it
         run(*inputs)
@@ -77,10 +83,10 @@ def _timed_calls(run, inputs, min_s: float, min_calls: int) -> tuple[list[float]
     return times, time.process_time() - cpu0
 
 
-def _reference_worker(model_dir, payload, batch, cpus, conn):
+def _reference_worker(model_dir, payload, batch, cpus, conn, seq=None):
     """Load once, then for every `seconds` received run back to back for that long and send the figures back
     (elapsed seconds, each call's seconds, CPU seconds); None ends it."""
-    run, inputs = _load(Path(model_dir), payload, batch, cpus)
+    run, inputs = _load(Path(model_dir), payload, batch, cpus, seq)
     conn.send("ready")
     while (seconds := conn.recv()) is not None:
         t0 = time.perf_counter()
@@ -98,14 +104,14 @@ class Reference:
             ref.call_times(seconds) -> each call's seconds (one group: a lone caller's latencies)
     """
 
-    def __init__(self, model_dir: Path, payload: dict, batch: int, groups: list[list[int]]):
+    def __init__(self, model_dir: Path, payload: dict, batch: int, groups: list[list[int]], seq: int | None = None):
         ctx = mp.get_context("spawn")      # a fresh interpreter per group: no torch thread pool inherited
         self.batch = batch
         self._conns, self._procs = [], []
         try:
             for g in groups:
                 parent, child = ctx.Pipe()
-                p = ctx.Process(target=_reference_worker, args=(str(model_dir), payload, batch, g, child),
+                p = ctx.Process(target=_reference_worker, args=(str(model_dir), payload, batch, g, child, seq),
                                 daemon=True)
                 p.start()
                 self._conns.append(parent)
@@ -162,9 +168,10 @@ class Reference:
                 p.kill()
 
 
-def throughput(model_dir: Path, payload: dict, batch: int, groups: list[list[int]], seconds: float) -> Throughput:
-    """All groups at once, each calling batch `batch` back to back for `seconds`."""
-    with Reference(model_dir, payload, batch, groups) as ref:
+def throughput(model_dir: Path, payload: dict, batch: int, groups: list[list[int]], seconds: float,
+               seq: int | None = None) -> Throughput:
+    """All groups at once, each calling batch `batch` (of sequence `seq`) back to back for `seconds`."""
+    with Reference(model_dir, payload, batch, groups, seq) as ref:
         return ref.measure(seconds)
 
 

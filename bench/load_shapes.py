@@ -1,0 +1,130 @@
+"""`python -m bench.load_shapes` (`make bench` runs it): served throughput against the best plan's ceiling at every
+load, with batches padded to the bucket grid and with batches at their own shape, side by side.
+
+all-MiniLM-L6-v2 compiled for buckets batch [1, 8, 32] x seq [32, 128]; two stacks up at once, each one group
+per CPU behind nginx, one copy per group: one with `pad_to_buckets = true` (every batch padded to a compiled
+bucket, as before the batch planner), one as configured by default (a batch at its own shape). wrk closed loop
+at concurrency 1, 2, 4, 8, 16, 64 sends one short sentence through the task JSON route, the two stacks' levels
+interleaved. The ceiling of a level is the best plan for that load: each group's share of the clients as one
+batch at its own shape (batch min(c/2, 32), the sentence's length rounded up to 8), called in-process back to
+back, one pinned process per CPU, measured beside the level (with fewer clients than groups, that share of it). Writes bench-results/load-shapes.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench import ceiling, wrk
+from bench.__main__ import log
+from bench.memory import compile_with
+from neuronserve import config, tasks
+from neuronserve.artifact import read_manifest
+from neuronserve.devices import cpu as cpu_devices
+from neuronserve.layout import Layout
+from neuronserve.plan import make_plan
+from neuronserve.server.batcher import SEQ_MULTIPLE
+from neuronserve.up import Stack, local_ports
+
+TEXT = "A short sentence, as a search query or a chat message would send it."
+LEVELS = [1, 2, 4, 8, 16, 64]
+DURATION, RAMP, CEILING_S = 6.0, 1.5, 3.0
+BATCH_SIZES, SEQUENCE_LENGTHS = [1, 8, 32], [32, 128]
+
+
+def stack(repo: Path, work: Path, cpus: list[int], pad_to_buckets: bool) -> Stack:
+    ports = local_ports(len(cpus))
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "neuronserve.toml"
+    path.write_text(f"""[server]
+backend = "cpu"
+model_repository = "{repo}"
+base_port = {ports["server"]["base_port"]}
+python = "{sys.executable}"
+log_level = "warning"
+timeout_s = 120
+[nginx]
+listen = "{ports["nginx"]["listen"]}"
+grpc_listen = ""
+[models.minilm]
+task = "feature-extraction"
+source = "/unused"
+copies = 1
+max_batch_delay_ms = 0.0
+max_queue = 1024
+pad_to_buckets = {"true" if pad_to_buckets else "false"}
+""")
+    cfg = config.load(path, dropins=False)
+    plan = make_plan(cfg, cpu_devices.discover(set(cpus)), python=sys.executable)
+    return Stack(plan, Layout(work / "root", cfg), nginx=True, grace_s=10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.load_shapes", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("bench-results"), help="results directory")
+    args = ap.parse_args(argv)
+    work = (args.out / "work" / "load-shapes").absolute()
+    cpus = sorted(os.sched_getaffinity(0))
+    repo = work / "models"
+    log("compiling MiniLM for buckets batch [1, 8, 32] x seq [32, 128]")
+    compile_with(None, repo / "minilm", BATCH_SIZES, SEQUENCE_LENGTHS)
+    model_dir = repo / "minilm"
+    manifest = read_manifest(model_dir)
+    length = tasks.encode(manifest.task, tasks.load_tokenizer(model_dir / manifest.tokenizer), [TEXT], 128,
+                          truncation=True)[0].length
+    seq = -(-length // SEQ_MULTIPLE) * SEQ_MULTIPLE
+    payload = {"inputs": TEXT}
+    systems = {"padded to buckets": stack(repo, work / "buckets", cpus, True),
+               "own shape": stack(repo, work / "exact", cpus, False)}
+    rows = []
+    try:
+        for s in systems.values():
+            s.start()
+        for s in systems.values():
+            s.wait_ready(600)
+        targets = {label: [wrk.Target(s.front_url, (wrk.Request("POST", "/models/minilm", json.dumps(payload),
+                                                                  "application/json"),))]
+                   for label, s in systems.items()}
+        for label in systems:
+            wrk.run(targets[label], 16, 3.0)        # every shape's first calls
+        for level in LEVELS:
+            batch = max(1, min(level // len(cpus), max(BATCH_SIZES)))
+            best = ceiling.throughput(model_dir, TEXT, batch, [[c] for c in cpus], CEILING_S, seq=seq)
+            # fewer clients than groups keep only that many groups busy
+            items_per_s = best.items_per_s * min(1.0, level / len(cpus))
+            row = {"concurrency": level, "ceiling_batch": batch, "ceiling_seq": seq,
+                   "ceiling_items_per_s": items_per_s}
+            for label in systems:
+                res = wrk.run(targets[label], level, DURATION, ramp_s=RAMP, timeout_s=60)
+                row[label] = {"throughput": res.throughput, "p50_ms": res.p50 * 1000, "p99_ms": res.p99 * 1000,
+                              "errors": res.errors, "over_ceiling": res.throughput / items_per_s}
+            rows.append(row)
+            log(f"  c={level}: ceiling {items_per_s:.0f}/s (batch {batch} x {seq}); " + "; ".join(
+                f"{label} {row[label]['throughput']:.0f}/s ({row[label]['over_ceiling']:.2f})" for label in systems))
+    finally:
+        for s in systems.values():
+            s.stop()
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    lines = [f"# Load shapes: {when}", "",
+             f"all-MiniLM-L6-v2, buckets batch {BATCH_SIZES} x seq {SEQUENCE_LENGTHS}, {len(cpus)} groups of one CPU "
+             f"behind nginx, one {length}-token sentence per request; ceiling: the best plan for the load, "
+             "in-process, measured beside each level", "",
+             "| concurrency | ceiling (items/s) | padded to buckets | / ceiling | own shape | / ceiling |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        a, b = r["padded to buckets"], r["own shape"]
+        lines.append(f"| {r['concurrency']} | {r['ceiling_items_per_s']:.0f} | {a['throughput']:.0f} | "
+                     f"{a['over_ceiling']:.2f} | {b['throughput']:.0f} | {b['over_ceiling']:.2f} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "load-shapes.md").write_text("\n".join(lines) + "\n")
+    (args.out / "load-shapes.json").write_text(json.dumps({"when": when, "rows": rows}, indent=2) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
