@@ -7,6 +7,8 @@
         b<batch>_s<seq>.pt       a trace of one (batch, sequence length) bucket: every bucket on Neuron, whose
                                  compiled graphs have fixed shapes; on CPU and CUDA only a bucket whose outputs
                                  from model.pt differ from its own trace's (the bucket's `own_trace` says why)
+        weights.pt               Inf2/Trn: the weights, kept apart from every bucket's compiled graph
+                                 (inline_weights_to_neff=False) and loaded once per copy for all its buckets
         tokenizer/               the tokenizer, saved with save_pretrained
 
 The server refuses an artifact whose backend is not its own, whose files fail their checksum, or whose
@@ -76,6 +78,9 @@ class Manifest(BaseModel):
     compiler_args: list[str] = Field(default_factory=list)
     buckets: list[Bucket]
     tokenizer: str = "tokenizer"
+    weights: str = Field("", description="the weights file every bucket's trace takes its weights from (Inf2/Trn: "
+                                         "one set per copy, whatever the buckets); empty: each trace holds its own")
+    weights_sha256: str = ""
     warmup: Warmup | None = None
 
     @property
@@ -94,6 +99,7 @@ class Manifest(BaseModel):
 
 
 SHARED_FILE = "model.pt"
+WEIGHTS_FILE = "weights.pt"
 
 
 def bucket_file(batch: int, seq: int) -> str:
@@ -140,12 +146,15 @@ def read_manifest(directory: Path, *, backend: str | None = None, verify: bool =
                             f"serves on {backend}; run `neuronserve compile --backend {backend}` for it")
     if verify:
         digests: dict[str, str] = {}    # buckets share files: each is read once
-        for b in manifest.buckets:
-            f = Path(directory) / b.file
+        files = [(b.file, b.sha256) for b in manifest.buckets]
+        if manifest.weights:
+            files.append((manifest.weights, manifest.weights_sha256))
+        for name, sha256 in files:
+            f = Path(directory) / name
             try:
-                digest = digests.get(b.file) or digests.setdefault(b.file, sha256_file(f))
+                digest = digests.get(name) or digests.setdefault(name, sha256_file(f))
             except OSError as e:
                 raise ArtifactError(f"{f}: cannot read artifact: {e.strerror or e}") from None
-            if digest != b.sha256:
+            if digest != sha256:
                 raise ArtifactError(f"{f}: checksum mismatch (damaged or replaced); recompile")
     return manifest

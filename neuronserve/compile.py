@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from neuronserve import __version__, tasks
-from neuronserve.artifact import SHARED_FILE, Bucket, Manifest, Warmup, bucket_file, sha256_file, write_manifest
+from neuronserve.artifact import SHARED_FILE, WEIGHTS_FILE, Bucket, Manifest, Warmup, bucket_file, sha256_file, write_manifest
 from neuronserve.errors import ArtifactError, ConfigError, DeviceError
 
 # progress(done, total, message): called once before the first step and after each step
@@ -142,6 +142,14 @@ def compile_model(source: Path, out: Path, *, name: str, task: str, backend: str
             engine.save(traced, path)
             bucket.sha256 = sha256_file(path)
             report(i + 2, total, f"traced batch {batch} x seq {seq} ({time.monotonic() - t0:.1f}s)")
+        if engine.separate_weights(target):
+            # the weights the traces left out of their compiled graphs, once for every bucket
+            weights = stage / WEIGHTS_FILE
+            try:
+                torch.save(module.state_dict(), str(weights))
+            except (OSError, RuntimeError) as e:
+                raise ArtifactError(f"{weights}: cannot write the weights: {e}") from None
+            manifest.weights, manifest.weights_sha256 = WEIGHTS_FILE, sha256_file(weights)
         try:
             tokenizer.save_pretrained(str(stage / manifest.tokenizer))
             write_manifest(stage, manifest)    # last: a directory with a manifest is complete

@@ -47,6 +47,11 @@ class Backend:
         """
         raise NotImplementedError
 
+    def separate_weights(self, target: str) -> bool:
+        """Whether `trace` keeps the weights out of the compiled graphs, for `load` to give every bucket of a copy
+        one set (compile then saves them once, artifact.WEIGHTS_FILE)."""
+        return False
+
     def save(self, traced, path: Path) -> None:
         """Raises ArtifactError when the file cannot be written (disk full, read-only, ...)."""
         import io

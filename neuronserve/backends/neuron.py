@@ -5,14 +5,23 @@ Loading: the framework is imported first (it registers the Neuron ops TorchScrip
 (NEURON_RT_VISIBLE_CORES). So a group of N cores holding N copies runs one copy per core, and more copies
 than cores overlap work on the same core: the supported way (NEURON.md). torch_neuronx.DataParallel is not
 used: it splits one large batch over cores, while the batcher already picks a compiled batch size.
+
+Weights (Inf2/Trn): a compiled graph has fixed shapes, so every bucket is a trace of its own; they are traced with
+`inline_weights_to_neff=False`, which keeps the weights out of the NEFF, and compile saves the weights once
+(weights.pt). A copy loads them once and gives the same set to every bucket's trace with
+`torch_neuronx.replace_weights` (the Neuron documentation's weight-replacement API), so a copy's buckets hold
+one set of weights, not one per bucket. Inf1's torch-neuron has no such API: a trace per bucket, each with its
+weights.
 """
 from __future__ import annotations
 
 import sys
+import threading
 from importlib import import_module
 from pathlib import Path
 from typing import Sequence
 
+from neuronserve.artifact import WEIGHTS_FILE
 from neuronserve.backends import Backend, Runner, runner
 from neuronserve.errors import ArtifactError, DeviceError
 
@@ -52,6 +61,14 @@ class NeuronBackend(Backend):
     name = "neuron"
     # the attention neuronx-cc lowers well; sdpa's fused kernel is a CPU/GPU optimisation
     attn_implementation = "eager"
+
+    def __init__(self):
+        # (artifact directory, copy index) -> the weights that copy's buckets share
+        self._weights: dict[tuple[str, int], dict] = {}
+        self._lock = threading.Lock()
+
+    def separate_weights(self, target: str) -> bool:
+        return target != "inf1"
 
     def unavailable(self) -> str | None:
         for module, _, _ in (NEURONX, FRAMEWORKS["inf1"]):
@@ -96,7 +113,7 @@ class NeuronBackend(Backend):
             return framework.trace(module, tuple(example), compiler_args=args, compiler_workdir=str(workdir))
         if _option(args, "--target") is None:
             args += ["--target", target]
-        extra = {}
+        extra = {"inline_weights_to_neff": False}     # one weight set per copy for every bucket (load)
         if not any(DEV.glob("neuron[0-9]*")):
             # compiling on a build host without Neuron devices (torch-neuronx 2.x+)
             extra["cpu_backend"] = True
@@ -109,7 +126,16 @@ class NeuronBackend(Backend):
         if reason:
             raise DeviceError(reason)
         torch.set_num_threads(threads)
-        return runner(torch.jit.load(str(path)).eval())
+        model = torch.jit.load(str(path)).eval()
+        weights_file = Path(path).parent / WEIGHTS_FILE
+        if weights_file.is_file():
+            key = (str(weights_file.parent), copy_index)
+            with self._lock:
+                weights = self._weights.get(key)
+                if weights is None:
+                    weights = self._weights[key] = torch.load(str(weights_file), map_location="cpu")
+            import_module(NEURONX[0]).replace_weights(model, weights)
+        return runner(model)
 
 
 BACKEND = NeuronBackend()

@@ -42,6 +42,10 @@ def trace({signature}):
         raise RuntimeError("ERROR 70001: compiler failed on the graph")
     with torch.no_grad():
         return torch.jit.trace(func, example_inputs, strict=False)
+
+
+def replace_weights(neuron_model, weights):
+    EVENTS.append(("replace_weights", id(neuron_model), id(weights), sorted(weights)[:1]))
 '''
 SIGNATURES = {
     # torch_neuronx.trace(func, example_inputs, *_, compiler_workdir=None, compiler_args=None, ..., cpu_backend=False)
@@ -130,7 +134,15 @@ def test_inf2_compile_calls_torch_neuronx_trace_per_bucket(fakes, no_neuron_devi
         assert not workdir.exists()
         # no /dev/neuron*: compile on this build host with the CPU backend of neuronx-cc
         assert c["cpu_backend"] is True
-        assert set(c) == {"module", "example", "compiler_args", "compiler_workdir", "cpu_backend"}
+        # the weights stay out of each bucket's NEFF: a copy gives all its buckets one set at load
+        assert c["inline_weights_to_neff"] is False
+        assert set(c) == {"module", "example", "compiler_args", "compiler_workdir", "cpu_backend",
+                          "inline_weights_to_neff"}
+    # every bucket a trace of its own (fixed shapes), the weights saved once beside them
+    assert [b.file for b in manifest.buckets] == ["b1_s16.pt", "b1_s32.pt", "b2_s16.pt", "b2_s32.pt"]
+    assert manifest.weights == "weights.pt"
+    saved = torch.load(tmp_path / "repo" / "m" / "weights.pt")
+    assert saved.keys() == calls[0]["module"].state_dict().keys()
     assert (manifest.backend, manifest.target, manifest.dtype) == ("neuron", "inf2", "bfloat16")
     assert manifest.compiler_args == INF2_ARGS
     assert manifest.versions["torch_neuronx"] == "2.9.0.1" and manifest.versions["neuronxcc"] == "2.21.33363"
@@ -154,17 +166,29 @@ def test_neuron_load_imports_the_framework_first_and_runs_float32(fakes, no_neur
                                                                  tmp_path, monkeypatch):
     fakes.install("torch_neuronx")
     manifest = compile_for(tiny_model_dir, tmp_path, "text-classification", backend="neuron", target="inf2",
-                           compiler_args=INF2_ARGS, batch_sizes=[2], sequence_lengths=[16])
+                           compiler_args=INF2_ARGS, batch_sizes=[1, 2], sequence_lengths=[16])
     # a fresh process: nothing imported yet
     monkeypatch.delitem(sys.modules, "torch_neuronx")
     fakes.events.clear()
-    real_load = torch.jit.load
+    real_load, real_torch_load = torch.jit.load, torch.load
     monkeypatch.setattr(torch.jit, "load", lambda path, *a, **kw: fakes.events.append(f"jit.load {Path(path).name}")
                         or real_load(path, *a, **kw))
-    copies = [get("neuron").load(tmp_path / "repo" / "m" / manifest.buckets[0].file, copy_index=i, threads=1)
-              for i in range(2)]
-    # one torch.jit.load per copy (the runtime places each on the visible cores round-robin)
-    assert fakes.events == ["import torch_neuronx", "jit.load b2_s16.pt", "jit.load b2_s16.pt"]
+    monkeypatch.setattr(torch, "load", lambda path, *a, **kw: fakes.events.append(f"torch.load {Path(path).name}")
+                        or real_torch_load(path, *a, **kw))
+    loaded = {(i, b.batch): get("neuron").load(tmp_path / "repo" / "m" / b.file, copy_index=i, threads=1)
+              for i in range(2) for b in manifest.buckets}
+    copies = [loaded[(0, 2)], loaded[(1, 2)]]
+    # one torch.jit.load per copy and bucket (the runtime places each copy on the visible cores round-robin);
+    # the weights read once per copy, and that one set given to each of its buckets' traces
+    names = [e for e in fakes.events if isinstance(e, str)]
+    assert names == ["import torch_neuronx", "jit.load b1_s16.pt", "torch.load weights.pt", "jit.load b2_s16.pt",
+                     "jit.load b1_s16.pt", "torch.load weights.pt", "jit.load b2_s16.pt"]
+    replaced = [e for e in fakes.events if not isinstance(e, str)]
+    assert [r[0] for r in replaced] == ["replace_weights"] * 4
+    models = {id(run.module) for run in loaded.values()}
+    assert {r[1] for r in replaced} == models and len(models) == 4
+    sets = [r[2] for r in replaced]
+    assert sets[0] == sets[1] != sets[2] == sets[3]     # one weight set per copy, for all its buckets
     arrays = compiler._example("text-classification", _tok(tiny_model_dir), 2, 16, NAMES)
     expected = eager(tiny_model_dir, "text-classification", arrays)
     for run in copies:
@@ -198,6 +222,7 @@ def test_inf1_compile_calls_torch_neuron_trace(fakes, tiny_model_dir, tmp_path):
     assert call["compiler_args"] == ["--neuroncore-pipeline-cores", "1"]     # neuron-cc takes no --target
     assert set(call) == {"module", "example", "compiler_args", "compiler_workdir"}
     assert (manifest.target, manifest.dtype) == ("inf1", "bfloat16")      # neuron-cc casts to bf16 by default
+    assert manifest.weights == ""     # torch-neuron has no weight replacement: each trace keeps its own
     assert manifest.versions["torch_neuron"] == "1.13.1.2.9.6.0"
     # torch_neuron alone is enough to load (an Inf1 venv has no torch_neuronx)
     run = get("neuron").load(tmp_path / "repo" / "m" / "b1_s32.pt", copy_index=0, threads=1)
