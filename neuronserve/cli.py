@@ -107,7 +107,9 @@ def plan_cmd(config_path, backend, as_json):
     """Show the core groups the config gives on this host, without changing anything.
 
     Each group is one gunicorn process (one systemd unit) that owns its cores, listens on 127.0.0.1 and
-    holds `copies` copies of its model. nginx spreads requests over the groups of a model.
+    holds `copies` copies of its model. nginx spreads requests over the groups of a model. For a compiled
+    model, MEMORY is what the group's weights take (host on the CPU, each accelerator core's otherwise); a
+    plan that needs more device memory than a core has is refused with the numbers.
     """
     import json
 
@@ -116,13 +118,22 @@ def plan_cmd(config_path, backend, as_json):
         click.echo(json.dumps({
             "backend": plan.host.backend, "kind": plan.host.kind, "python": plan.python,
             "groups": [{"name": g.name, "unit": g.unit, "model": g.model, "cores": g.cores, "cpus": g.cpus,
-                        "port": g.port, "env": g.env} for g in plan.groups]}, indent=2))
+                        "port": g.port, "grpc_port": g.grpc_port, "env": g.env,
+                        "memory": _memory_json(plan.footprints.get(g.name))} for g in plan.groups]}, indent=2))
         return
     click.echo(f"backend {plan.host.backend} ({plan.host.kind}, {len(plan.host.cores)} cores, "
                f"found by {plan.host.source}); python {plan.python}")
-    click.echo(f"{'GROUP':<24} {'CORES':<10} {'CPUS':<12} {'PORT':<6} COPIES  UNIT")
+    click.echo(f"{'GROUP':<24} {'CORES':<10} {'CPUS':<12} {'PORT':<6} COPIES  {'UNIT':<34} MEMORY")
     for g in plan.groups:
-        click.echo(f"{g.name:<24} {g.core_list:<10} {g.settings.cpus:<12} {g.port:<6} {g.settings.copies:<7} {g.unit}")
+        f = plan.footprints.get(g.name)
+        memory = "not compiled yet" if f is None else f.why
+        click.echo(f"{g.name:<24} {g.core_list:<10} {g.settings.cpus:<12} {g.port:<6} {g.settings.copies:<7} "
+                   f"{g.unit:<34} {memory}")
+
+
+def _memory_json(f) -> dict | None:
+    return None if f is None else {"host_bytes": f.host_bytes, "device_bytes_per_core": f.device_bytes_per_core,
+                                   "device_capacity_per_core": f.device_capacity, "how": f.why}
 
 
 @main.command("doctor")

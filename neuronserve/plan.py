@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neuronserve.config import Config, ModelSection, format_core_list
+from neuronserve import footprint
 from neuronserve.devices import Host, backend_module
 from neuronserve.errors import PlanError
 from neuronserve.layout import Layout
@@ -66,6 +67,7 @@ class Plan:
     host: Host
     groups: list[Group]
     python: str
+    footprints: dict = field(default_factory=dict)     # group -> footprint.Footprint, for compiled models
 
     def argv(self, group: Group, layout: Layout) -> list[str]:
         """The command a group's unit (and `neuronserve up`) runs."""
@@ -221,4 +223,6 @@ def make_plan(cfg: Config, host: Host, *, python: str | None = None) -> Plan:
             env = {**pin, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
             groups.append(Group(name=gname, model=name, index=i, cores=cores, cpus=cpus, port=port,
                                 settings=settings, env=env, grpc_port=grpc_port))
-    return Plan(config=cfg, host=host, groups=groups, python=python or resolve_python(cfg, host))
+    plan = Plan(config=cfg, host=host, groups=groups, python=python or resolve_python(cfg, host))
+    plan.footprints = {f.group: f for f in footprint.check(plan)}     # refuses what the device cannot hold
+    return plan

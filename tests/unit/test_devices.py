@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from neuronserve import config
-from neuronserve.devices import cuda, discover_host, neuron
+from neuronserve.devices import cpu as cpu_devices, cuda, discover_host, neuron
 from neuronserve.errors import DeviceError, PlanError
 from neuronserve.plan import make_plan
 
@@ -426,3 +426,75 @@ def test_cuda_pin_env_and_plan(tmp_path):
     plan = make_plan(cfg_from(tmp_path, model("emb", cores_per_group=2), backend="cuda"), host, python="py")
     assert [g.env["CUDA_VISIBLE_DEVICES"] for g in plan.groups] == ["0,1", "2,3"]
     assert cuda.find_python(config.Config()) is None
+
+
+# ---------------------------------------------------------------- expected memory per group (footprint.py)
+
+GIB = 1 << 30
+
+
+def fake_artifact(repo: Path, name: str, backend: str, target: str, files: dict[str, int], buckets: dict,
+                  weights: str = "") -> None:
+    """A compiled model directory whose files have the given sizes (sparse), as `neuronserve compile` lays out."""
+    from neuronserve.artifact import Bucket, Manifest, write_manifest
+
+    directory = repo / name
+    directory.mkdir(parents=True)
+    for file, size in files.items():
+        with open(directory / file, "wb") as f:
+            f.truncate(size)
+    write_manifest(directory, Manifest(
+        name=name, task="text-classification", backend=backend, target=target, source="/srv/src", created="now",
+        versions={}, input_names=["input_ids"], output_names=["logits"], weights=weights,
+        buckets=[Bucket(batch=b, seq=s, file=file, sha256="0") for (b, s), file in buckets.items()]))
+
+
+def plan_with(tmp_path, host, backend: str, **keys):
+    cfg = cfg_from(tmp_path, model("bert", **keys), backend=backend)
+    cfg.server.model_repository = tmp_path / "repo"
+    return make_plan(cfg, host, python="py")
+
+
+INF2_BUCKETS = {(1, 128): "b1_s128.pt", (4, 128): "b4_s128.pt", (8, 128): "b8_s128.pt"}
+
+
+def test_inf2_counts_the_weights_once_per_copy_and_refuses_what_a_core_cannot_hold(tmp_path):
+    host, _ = discover_sample("inf2.xlarge.output-format.json", tmp_path, cpus=range(4))
+    # BERT-large-like: 1.25 GiB of weights; each bucket's file carries them beside a 0.25 GiB graph
+    files = {"weights.pt": 5 * GIB // 4, **{f: 3 * GIB // 2 for f in INF2_BUCKETS.values()}}
+    fake_artifact(tmp_path / "repo", "bert", "neuron", "inf2", files, INF2_BUCKETS, weights="weights.pt")
+    plan = plan_with(tmp_path, host, "neuron", copies=2, cores_per_group=1)
+    f = plan.footprints["bert-0"]
+    # a copy: the weights once (1.25) and three graphs (0.75): 2 GiB; two copies on the group's one core
+    assert f.device_bytes_per_core == 4 * GIB and f.device_capacity == 16 * GIB and f.host_bytes == 0
+    assert f.why == "1.25 GiB of weights once + 0.75 GiB of bucket graphs per copy x 2 copies per core"
+    with pytest.raises(PlanError, match=r"group bert-0 needs 18.00 GiB of device memory per core \(.* x 9 copies "
+                                        r"per core\), more than a core's 16.00 GiB: lower copies"):
+        plan_with(tmp_path, host, "neuron", copies=9, cores_per_group=1)
+    # two cores per group: the copies spread round-robin
+    assert plan_with(tmp_path, host, "neuron", copies=9, cores_per_group=2).footprints["bert-0"] \
+        .device_bytes_per_core == 5 * 2 * GIB
+
+
+def test_inf1_keeps_every_bucket_with_its_weights_and_cpu_copies_share_one(tmp_path):
+    host, _ = discover_sample("inf1.6xlarge.json-output.json", tmp_path, cpus=range(24))
+    files = {"b1_s128.pt": 600 << 20, "b4_s128.pt": 700 << 20}
+    fake_artifact(tmp_path / "repo", "bert", "neuron", "inf1", files, {(1, 128): "b1_s128.pt", (4, 128): "b4_s128.pt"})
+    f = plan_with(tmp_path, host, "neuron", copies=1, cores_per_group=1).footprints["bert-0"]
+    # an Inf1 chip's 8 GiB over its 4 cores
+    assert (f.device_bytes_per_core, f.device_capacity) == (1300 << 20, 2 * GIB)
+    with pytest.raises(PlanError, match=r"needs 2.54 GiB .* more than a core's 2.00 GiB"):
+        plan_with(tmp_path, host, "neuron", copies=2, cores_per_group=1)
+
+
+def test_cuda_loads_each_distinct_file_per_copy_and_the_cpu_once_per_group(tmp_path):
+    host = cuda.discover(nvml=False, run=smi("g5.xlarge"), nvidia_smi=SMI, cpus=[0, 1, 2, 3])
+    shared = {(b, 128): "model.pt" for b in (1, 4, 8)}
+    fake_artifact(tmp_path / "gpu" / "repo", "bert", "cuda", "cuda", {"model.pt": 2 * GIB}, shared)
+    f = plan_with(tmp_path / "gpu", host, "cuda", copies=3).footprints["bert-0"]
+    assert f.device_bytes_per_core == 6 * GIB and f.device_capacity == host.details["devices"][0]["memory_bytes"]
+    cpu_host = cpu_devices.discover(affinity={0, 1})
+    fake_artifact(tmp_path / "cpu" / "repo", "bert", "cpu", "cpu", {"model.pt": GIB // 2}, shared)
+    f = plan_with(tmp_path / "cpu", cpu_host, "cpu", copies=4).footprints["bert-0"]
+    assert (f.host_bytes, f.device_bytes_per_core, f.device_capacity) == (GIB // 2, 0, None)
+    assert f.why == "0.50 GiB of traces, shared by 4 copies"
