@@ -91,6 +91,29 @@ def runner(model, place: Callable = lambda t: t) -> Runner:
     return run
 
 
+def weight_bytes(runners) -> dict[str, int]:
+    """{"host": bytes, "device": bytes} of the tensors the runners' modules hold (parameters, buffers and, once
+    frozen, the graph's constants), each storage counted once however many runners share it. A runner without a
+    module (a test's stand-in) counts nothing."""
+    seen: dict[int, tuple[str, int]] = {}
+    for run in runners:
+        module = getattr(run, "module", None)
+        if module is None:
+            continue
+        tensors = list(module.state_dict().values())
+        graph = getattr(module, "graph", None)
+        if graph is not None:
+            tensors += [n.output().toIValue() for n in graph.findAllNodes("prim::Constant")
+                        if n.output().type().kind() == "TensorType"]
+        for t in tensors:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = ("host" if t.device.type == "cpu" else "device", storage.nbytes())
+    out = {"host": 0, "device": 0}
+    for memory, size in seen.values():
+        out[memory] += size
+    return out
+
+
 def get(name: str) -> Backend:
     if name not in ("cpu", "cuda", "neuron"):
         raise ArtifactError(f"unknown backend {name!r}")

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from neuronserve import tasks
+from neuronserve import backends, tasks
 from neuronserve.artifact import SHARED_FILE, Manifest
 from neuronserve.server.batcher import Batch, Batcher, ServeError
 from neuronserve.server.lending import UNLENT, Lending
@@ -119,6 +119,7 @@ class Executor:
                       for file in dict.fromkeys(b.file for b in self.manifest.buckets)}
             runners = {(b.batch, b.seq): loaded[b.file] for b in self.manifest.buckets}
             shared = loaded.get(SHARED_FILE)    # runs the batches of exact shapes (Batch.exact)
+            self.metrics.weights(copy.index, backends.weight_bytes(loaded.values()))
         except Exception as e:  # a device or framework failure: the message is what the operator needs
             log.error("copy %d: cannot load the model: %s", copy.index, e)
             self._set_state(copy, "failed", f"copy {copy.index}: cannot load the model: {e}")

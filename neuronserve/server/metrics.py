@@ -53,6 +53,9 @@ class Metrics:
                                buckets=DURATION_BUCKETS).labels(**labels)
         self._bucket_calls = make(Counter, "neuronserve_bucket_calls", "batches executed per compiled bucket",
                                   ("bucket",))
+        self._weight_bytes = make(Gauge, "neuronserve_weight_bytes",
+                                  "bytes of model weights each copy holds, by memory (host or device); copies "
+                                  "that share one set (CPU) each report it", ("copy", "memory"))
         self.borrowed_batches = make(Counter, "neuronserve_borrowed_batches",
                                      "batches that also ran on CPUs borrowed from idle groups").labels(**labels)
         # `neuronserve apply` drains a group until this reaches 0 before it stops it
@@ -69,6 +72,11 @@ class Metrics:
             counter = self._by_code[code] = self._requests.labels(code=str(code), **self._labels)
         counter.inc()
         self.request_duration.observe(seconds)
+
+    def weights(self, copy: int, held: dict[str, int]) -> None:
+        """What one copy's loaded modules hold: {"host": bytes, "device": bytes}."""
+        for memory, size in held.items():
+            self._weight_bytes.labels(copy=str(copy), memory=memory, **self._labels).set(size)
 
     def busy(self, copy: int) -> Counter:
         """The busy-seconds counter of one copy (created at zero so rates exist before the first batch)."""

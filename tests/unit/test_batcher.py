@@ -389,11 +389,19 @@ def test_buckets_and_copies_share_one_set_of_weights(artifact):
         model = ServedModel(settings_for(artifact, copies=2), load=load)
         await started(model)
         model.close()
+        return model.metrics.render().decode()
 
-    asyncio.run(main())
+    metrics = asyncio.run(main())
     # one load per copy, of the one file every bucket names; and both copies hold the same weights
     assert [name for name, _ in loads] == ["model.pt", "model.pt"]
     (_, a), (_, b) = loads
     assert a.module is b.module
     pointers = weight_pointers(a.module)
     assert len(pointers) > 10 and pointers == weight_pointers(b.module)
+    # /metrics: each copy reports the one set it holds (the tiny BERT's float32 weights)
+    held = sum(node.output().toIValue().nbytes for node in a.module.graph.findAllNodes("prim::Constant")
+               if node.output().type().kind() == "TensorType")
+    for copy in ("0", "1"):
+        line = next(x for x in metrics.splitlines() if x.startswith("neuronserve_weight_bytes{")
+                    and f'copy="{copy}"' in x and 'memory="host"' in x)
+        assert float(line.rsplit(" ", 1)[1]) == held
