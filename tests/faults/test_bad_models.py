@@ -61,15 +61,17 @@ def spins_for(seconds: float, module) -> int:
 
 
 def hanging_copy(src, dst) -> int:
-    """Copy the artifact, every bucket wrapped in Hang (checksums updated); returns the spins it uses."""
+    """Copy the artifact, every trace wrapped in Hang once (buckets may share one; checksums updated); returns the
+    spins it uses."""
     shutil.copytree(src, dst)
     manifest = read_manifest(dst)
     assert manifest.input_names == INPUTS, manifest.input_names
     spins = None
-    for b in manifest.buckets:
-        inner = torch.jit.load(str(dst / b.file))
+    for file in {b.file for b in manifest.buckets}:
+        inner = torch.jit.load(str(dst / file))
         spins = spins or spins_for(HANG_S, inner)
-        torch.jit.save(torch.jit.script(Hang(inner, POISON, spins)), str(dst / b.file))
+        torch.jit.save(torch.jit.script(Hang(inner, POISON, spins)), str(dst / file))
+    for b in manifest.buckets:
         b.sha256 = sha256_file(dst / b.file)
     write_manifest(dst, manifest)
     return spins
