@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from neuronserve import backends, config, random_models, tasks
+from bench import report
+from bench.systems import one_model_stack
+from neuronserve import backends, random_models, tasks
 from neuronserve.artifact import SHARED_FILE, read_manifest
 from neuronserve.compile import compile_model
-from neuronserve.devices import discover_host
-from neuronserve.layout import Layout
-from neuronserve.plan import make_plan
 from neuronserve.server.batcher import SEQ_MULTIPLE
-from neuronserve.up import Stack, local_ports
 
 MODELS = {"minilm": dict(layers=6, hidden=384, heads=12), "bert-base": dict(layers=12, hidden=768, heads=12)}
 LEVELS = [1, 16, 64]
@@ -77,31 +74,11 @@ async def closed_loop(url: str, clients: int, seconds: float) -> tuple[float, fl
     return len(latencies) / elapsed, latencies[int(0.99 * (len(latencies) - 1))]
 
 
-def serve(repo: Path, work: Path, backend: str) -> Stack:
-    ports = local_ports(1)
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / "neuronserve.toml"
-    path.write_text(f"""[server]
-backend = "{backend}"
-model_repository = "{repo}"
-base_port = {ports["server"]["base_port"]}
-python = "{sys.executable}"
-log_level = "warning"
-[nginx]
-enabled = false
-grpc_listen = ""
-[models.m]
-task = "feature-extraction"
-source = "/unused"
-groups = 1
-copies = 2
-max_batch_delay_ms = 0.0
-max_queue = 1024
-""")
-    cfg = config.load(path, dropins=False)
-    host = discover_host(backend)
-    plan = make_plan(cfg, host, python=sys.executable)
-    return Stack(plan, Layout(work / "root", cfg), nginx=False, grace_s=10)
+def serve(repo: Path, work: Path, backend: str):
+    """One group (the GPU; here one CPU) with two copies, no nginx: the machine has none."""
+    return one_model_stack(work, repo, {"task": "feature-extraction", "groups": 1, "copies": 2,
+                                        "max_batch_delay_ms": 0.0, "max_queue": 1024},
+                           name="m", backend=backend, cpus=sorted(os.sched_getaffinity(0))[:1], nginx=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['concurrency']} | {r['served']:.0f} | {r['p99_ms']:.1f} | {r['in_process']:.0f} | "
               f"{r['ratio']:.2f} |" for r in rows]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "device-check.md").write_text("\n".join(lines) + "\n")
-    (args.out / "device-check.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print("\n".join(lines))
+    report.save(args.out, "device-check", lines, rows)
     return 0
 
 

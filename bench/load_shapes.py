@@ -14,20 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import ceiling, wrk
+from bench import ceiling, report, wrk
 from bench.__main__ import log
 from bench.memory import compile_with
-from neuronserve import config, tasks
+from bench.systems import one_model_stack
+from neuronserve import tasks
 from neuronserve.artifact import read_manifest
-from neuronserve.devices import cpu as cpu_devices
-from neuronserve.layout import Layout
-from neuronserve.plan import make_plan
 from neuronserve.server.batcher import SEQ_MULTIPLE
-from neuronserve.up import Stack, local_ports
 
 TEXT = "A short sentence, as a search query or a chat message would send it."
 LEVELS = [1, 2, 4, 8, 16, 64]
@@ -35,31 +31,10 @@ DURATION, RAMP, CEILING_S = 6.0, 1.5, 3.0
 BATCH_SIZES, SEQUENCE_LENGTHS = [1, 8, 32], [32, 128]
 
 
-def stack(repo: Path, work: Path, cpus: list[int], pad_to_buckets: bool) -> Stack:
-    ports = local_ports(len(cpus))
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / "neuronserve.toml"
-    path.write_text(f"""[server]
-backend = "cpu"
-model_repository = "{repo}"
-base_port = {ports["server"]["base_port"]}
-python = "{sys.executable}"
-log_level = "warning"
-timeout_s = 120
-[nginx]
-listen = "{ports["nginx"]["listen"]}"
-grpc_listen = ""
-[models.minilm]
-task = "feature-extraction"
-source = "/unused"
-copies = 1
-max_batch_delay_ms = 0.0
-max_queue = 1024
-pad_to_buckets = {"true" if pad_to_buckets else "false"}
-""")
-    cfg = config.load(path, dropins=False)
-    plan = make_plan(cfg, cpu_devices.discover(set(cpus)), python=sys.executable)
-    return Stack(plan, Layout(work / "root", cfg), nginx=True, grace_s=10)
+def stack(repo: Path, work: Path, cpus: list[int], pad_to_buckets: bool):
+    return one_model_stack(work, repo, {"task": "feature-extraction", "copies": 1, "max_batch_delay_ms": 0.0,
+                                        "max_queue": 1024, "pad_to_buckets": pad_to_buckets},
+                           name="minilm", cpus=cpus)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         a, b = r["padded to buckets"], r["own shape"]
         lines.append(f"| {r['concurrency']} | {r['ceiling_items_per_s']:.0f} | {a['throughput']:.0f} | "
                      f"{a['over_ceiling']:.2f} | {b['throughput']:.0f} | {b['over_ceiling']:.2f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "load-shapes.md").write_text("\n".join(lines) + "\n")
-    (args.out / "load-shapes.json").write_text(json.dumps({"when": when, "rows": rows}, indent=2) + "\n")
-    print("\n".join(lines))
+    report.save(args.out, "load-shapes", lines, {"when": when, "rows": rows})
     return 0
 
 

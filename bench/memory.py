@@ -16,13 +16,11 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench import report
 from bench.__main__ import log
+from bench.systems import one_model_stack
 from bench.versus import checkout
-from neuronserve import config, random_models
-from neuronserve.devices import cpu as cpu_devices
-from neuronserve.layout import Layout
-from neuronserve.plan import make_plan
-from neuronserve.up import Stack, local_ports
+from neuronserve import random_models
 
 SHAPES = {"6 buckets": ([1, 4, 8], [64, 128]), "1 bucket": ([1], [128])}
 RUNS = [("6 buckets", 2), ("1 bucket", 1)]
@@ -45,29 +43,9 @@ def resident_mib(repo: Path, work: Path, copies: int, tree: Path | None) -> floa
     """VmRSS of the one group's worker serving repo/minilm with `copies`, after each bucket answered once."""
     import httpx
 
-    ports = local_ports(1)
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / "neuronserve.toml"
-    path.write_text(f"""[server]
-backend = "cpu"
-model_repository = "{repo}"
-base_port = {ports["server"]["base_port"]}
-grpc_base_port = {ports["server"]["grpc_base_port"]}
-log_level = "warning"
-[nginx]
-enabled = false
-listen = "{ports["nginx"]["listen"]}"
-grpc_listen = ""
-[models.minilm]
-task = "feature-extraction"
-source = "/unused"
-groups = 1
-copies = {copies}
-""")
-    cfg = config.load(path, dropins=False)
-    plan = make_plan(cfg, cpu_devices.discover({sorted(os.sched_getaffinity(0))[0]}), python=sys.executable)
-    stack = Stack(plan, Layout(work / "root", cfg), nginx=False, grace_s=10,
-                  env={"PYTHONPATH": str(tree)} if tree else None)
+    stack = one_model_stack(work, repo, {"task": "feature-extraction", "groups": 1, "copies": copies},
+                            name="minilm", cpus=sorted(os.sched_getaffinity(0))[:1], nginx=False,
+                            env={"PYTHONPATH": str(tree)} if tree else None)
     stack.start()
     try:
         stack.wait_ready(600)
@@ -116,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in mine:
             lines.append(f"| {label} | {r['buckets']} x {r['copies']} | {r['artifact_mib']:.0f} | {r['rss_mib']:.0f} | "
                          f"{r['rss_mib'] / base:.2f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory.md").write_text("\n".join(lines) + "\n")
-    (args.out / "memory.json").write_text(json.dumps({"when": when, "rows": rows}, indent=2) + "\n")
-    print("\n".join(lines))
+    report.save(args.out, "memory", lines, {"when": when, "rows": rows})
     return 0
 
 

@@ -40,6 +40,14 @@ SPEEDUP_MODELS = ("tiny", "no-encoder")
 TARGET_CAPACITY = 2000.0      # requests/s per core the serving path sustains (its CPU cost per request <= 0.5 ms)
 
 
+def save(out: Path, name: str, lines: list[str], data: dict) -> None:
+    """A side run's results: out/<name>.md (the table, printed too) and out/<name>.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    print("\n".join(lines))
+
+
 def best_ceiling(ceiling: dict) -> dict:
     """The batch size with the most items/s."""
     return max(ceiling["throughput"], key=lambda r: r["items_per_s"])

@@ -16,7 +16,7 @@ import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import cpu, grpc_load, models, wrk
+from bench import cpu, grpc_load, models, report, wrk
 from bench.__main__ import TUNING, drain, log
 from bench.systems import NeuronserveSystem
 
@@ -83,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         ms = statistics.median(r["cpu_ms_per_request"] for r in rs)
         lines.append(f"| {route} | {statistics.median(r['throughput'] for r in rs):.0f} | {ms:.3f} | "
                      f"{1000 / ms:.0f} | {ms / base:.2f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "routes.md").write_text("\n".join(lines) + "\n")
-    (args.out / "routes.json").write_text(json.dumps({"when": when, "rows": rows}, indent=2) + "\n")
-    print("\n".join(lines))
+    report.save(args.out, "routes", lines, {"when": when, "rows": rows})
     return 0
 
 

@@ -34,6 +34,40 @@ PAYLOAD = {"question": QUESTION, "context": CONTEXT}
 
 
 
+def one_model_stack(work: Path, repo: Path, keys: dict, *, name: str, backend: str = "cpu",
+                    cpus: list[int] | None = None, nginx: bool = True, env: dict | None = None):
+    """An unstarted Stack serving repo/<name> as [models.<name>] with `keys` (task, groups, copies, ...), on free
+    loopback ports, gRPC off; `cpus` for the CPU backend (default: this process's), other backends discovered."""
+    from neuronserve import config
+    from neuronserve.devices import cpu as cpu_devices, discover_host
+    from neuronserve.layout import Layout
+    from neuronserve.plan import make_plan
+    from neuronserve.up import Stack
+
+    ports = local_ports(len(cpus or [0]))
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "neuronserve.toml"
+    values = {"source": "/unused", **keys}
+    path.write_text(f"""# written by `python -m bench` for one run
+[server]
+backend = "{backend}"
+model_repository = "{repo}"
+base_port = {ports["server"]["base_port"]}
+python = "{sys.executable}"
+log_level = "warning"
+timeout_s = 120
+[nginx]
+enabled = {"true" if nginx else "false"}
+listen = "{ports["nginx"]["listen"]}"
+grpc_listen = ""
+[models.{name}]
+""" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    cfg = config.load(path, dropins=False)
+    host = cpu_devices.discover(set(cpus)) if backend == "cpu" and cpus else discover_host(backend)
+    plan = make_plan(cfg, host, python=sys.executable)
+    return Stack(plan, Layout(work / "root", cfg), nginx=nginx, grace_s=10, env=env)
+
+
 def _request(method: str, url: str, body: bytes | None = None, timeout: float = 300.0) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=body, method=method,
                                  headers={"Content-Type": "application/json"} if body else {})

@@ -12,7 +12,6 @@ bench-results/versus.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -20,7 +19,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import cpu, models, wrk
+from bench import cpu, models, report, wrk
 from bench.__main__ import TUNING, drain, log
 from bench.systems import NeuronserveSystem
 
@@ -87,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         ms = statistics.median(r["cpu_ms_per_request"] for r in rs)
         lines.append(f"| {label} | {statistics.median(r['throughput'] for r in rs):.0f} | {ms:.3f} | "
                      f"{1000 / ms:.0f} | {ms / before:.2f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "versus.md").write_text("\n".join(lines) + "\n")
-    (args.out / "versus.json").write_text(json.dumps({"when": when, "rev": sha, "rows": rows}, indent=2) + "\n")
-    print("\n".join(lines))
+    report.save(args.out, "versus", lines, {"when": when, "rev": sha, "rows": rows})
     return 0
 
 

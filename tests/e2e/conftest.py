@@ -5,6 +5,7 @@ Fixtures:
   neuronserve.compile.compile_model: "emb" (feature-extraction) and "cls" (text-classification).
 - `stack`: session-wide, started and ready: model "emb" in two groups, one per CPU core (the machine has
   two), one model copy each, behind nginx. Tests must leave it running and healthy.
+- `two_models`: per module, "emb" and "cls" behind one front, one group each.
 - `stack_factory(models, nginx=..., server=..., start=True, repo=...)`: a variant (auth token, rate limit, two models,
   ...) started and ready; stopped at the end of the test that asked for it. `stack_builder` is the same
   without the clean-up, for module-scoped stacks that stop themselves.
@@ -118,6 +119,16 @@ def stack_builder(tmp_path_factory, model_repo):
 @pytest.fixture(scope="session")
 def stack(stack_builder):
     s = stack_builder({"emb": {"groups": 2}})
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def two_models(stack_builder):
+    """Per module: "emb" and "cls" behind one front, one group each (routing by model at the front)."""
+    s = stack_builder({"emb": {"groups": 1}, "cls": {"groups": 1}})
     try:
         yield s
     finally:

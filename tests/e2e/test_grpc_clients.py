@@ -23,12 +23,8 @@ CALLS = 6       # enough that both groups, the one that serves the model and the
 
 
 @pytest.fixture(scope="module")
-def stack(stack_builder):
-    stack = stack_builder({"emb": {"groups": 1}, "cls": {"groups": 1}})
-    try:
-        yield stack
-    finally:
-        stack.stop()
+def stack(two_models):
+    return two_models
 
 
 @pytest.fixture(scope="module")

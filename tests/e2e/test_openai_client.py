@@ -16,13 +16,9 @@ TEXTS = ["The cat sits on the mat.", "Embeddings for retrieval.", "A third, long
 
 
 @pytest.fixture(scope="module")
-def stack(stack_builder):
+def stack(two_models):
     """Two models behind one front: the root /v1/embeddings must route by the body's model."""
-    stack = stack_builder({"emb": {"groups": 1}, "cls": {"groups": 1}})
-    try:
-        yield stack
-    finally:
-        stack.stop()
+    return two_models
 
 
 @pytest.fixture
