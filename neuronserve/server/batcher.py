@@ -243,11 +243,18 @@ class Batcher:
         holding it has) over its estimated time. The most efficient plan wins; ties go to more items."""
         order = sorted(range(len(lengths)), key=lambda j: (lengths[j], j))
         at = order.index(0)
+        first, last = max(0, at - self.max_batch + 1), min(len(order), at + self.max_batch)
+        # what the items a plan may hold would cost at their best, summed once: worth[k] for order[first:first+k]
         ideal: dict[int, float] = {}
+        worth = [0.0]
+        for j in order[first:last]:
+            if lengths[j] not in ideal:
+                ideal[lengths[j]] = self._ideal(lengths[j])
+            worth.append(worth[-1] + ideal[lengths[j]])
         best = None
-        for hi in range(at, min(len(order), at + self.max_batch)):
+        for hi in range(at, last):
             longest = lengths[order[hi]]
-            for lo in range(max(0, hi - self.max_batch + 1), at + 1):
+            for lo in range(max(first, hi - self.max_batch + 1), at + 1):
                 n = hi - lo + 1
                 shape, own = self._shape(n, longest)
                 if n > 1 and self.max_batch_tokens and shape[0] * shape[1] > self.max_batch_tokens:
@@ -255,13 +262,7 @@ class Batcher:
                 seconds = self.timings.estimate(shape)
                 if seconds is None:
                     return None
-                worth = 0.0
-                for j in order[lo:hi + 1]:
-                    length = lengths[j]
-                    if length not in ideal:
-                        ideal[length] = self._ideal(length)
-                    worth += ideal[length]
-                efficiency = worth / max(seconds, 1e-12)
+                efficiency = (worth[hi + 1 - first] - worth[lo - first]) / max(seconds, 1e-12)
                 if best is None or efficiency > best[0] * (1 + 1e-9) or (
                         efficiency >= best[0] * (1 - 1e-9) and n > len(best[1])):
                     best = (efficiency, order[lo:hi + 1], shape, own)
