@@ -190,6 +190,8 @@ def make_plan(cfg: Config, host: Host, *, python: str | None = None) -> Plan:
     # groups pass calls for the host's other models back through the front, which routes them by model
     grpc_front = loopback(cfg.nginx.grpc_listen) if grpc and cfg.nginx.enabled and len(cfg.models) > 1 else ""
     grpc_base = cfg.server.grpc_base_port or cfg.server.base_port + 1000
+    grpc_setting = "server.grpc_base_port" if cfg.server.grpc_base_port else \
+        "server.base_port, or set server.grpc_base_port (default: base_port + 1000),"
     count = sum(len(a) for a in assignment.values())
     http_ports = range(cfg.server.base_port, cfg.server.base_port + count)
     groups: list[Group] = []
@@ -198,8 +200,6 @@ def make_plan(cfg: Config, host: Host, *, python: str | None = None) -> Plan:
             gname = f"{name}-{i}"
             port = cfg.server.base_port + len(groups)
             grpc_port = grpc_base + len(groups) if grpc else 0
-            grpc_setting = "server.grpc_base_port" if cfg.server.grpc_base_port else \
-                "server.base_port, or set server.grpc_base_port (default: base_port + 1000),"
             for p, what, setting in ((port, "listen", "server.base_port"), (grpc_port, "serve gRPC", grpc_setting)):
                 if p > 65535:
                     raise PlanError(f"group {gname} would {what} on port {p}: lower {setting}")
