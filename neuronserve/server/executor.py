@@ -1,8 +1,9 @@
 """N model copies, each on its own thread, pulling batches from the shared Batcher.
 
 A copy loads one runner per compiled file (backends.get(backend).load; buckets may share one trace), runs the
-known-answer warm-up, and only then takes work. It pads a batch (tasks.pad), runs it, cuts the outputs into per-item rows (decoding answers for
-requests that want them, here, off the event loop) and hands them back with one call_soon_threadsafe per batch.
+known-answer warm-up, and only then takes work. It pads a batch (tasks.pad), runs it, cuts the outputs into
+per-item rows (decoding answers for requests that want them, here, off the event loop) and hands them back with
+one call_soon_threadsafe per batch.
 
 A copy stuck in one batch for longer than the request timeout is given up on: a fresh copy with the same index
 is loaded to take its place, and the stuck thread exits if its batch ever returns.
