@@ -88,6 +88,12 @@ class ServerSection(_Section):
                              description="a request that has not been answered by then gets 504")
     graceful_timeout_s: float = Field(30.0, gt=0, le=3600,
                                       description="how long a stopping group may finish in-flight requests")
+    start_timeout_s: float = Field(600.0, gt=0, le=86400,
+                                   description="how long systemd waits for a group to load and warm up every copy "
+                                               "(READY=1) before it fails the start")
+    watchdog_s: float = Field(30.0, ge=0, le=3600,
+                              description="systemd restarts a group whose event loop has not turned for this long "
+                                          "(WatchdogSec=); 0: no watchdog")
 
 
 class NginxSection(_Section):

@@ -217,7 +217,8 @@ def make_plan(cfg: Config, host: Host, *, python: str | None = None) -> Plan:
                 cpus=format_core_list(cpus), max_batch_delay_ms=m.max_batch_delay_ms,
                 return_wait_share=m.return_wait_share, max_queue=m.max_queue, pad_to_buckets=m.pad_to_buckets,
                 max_batch_tokens=m.max_batch_tokens or 0,
-                truncation=m.truncation, timeout_s=cfg.server.timeout_s, log_level=cfg.server.log_level,
+                truncation=m.truncation, timeout_s=cfg.server.timeout_s,
+                graceful_timeout_s=cfg.server.graceful_timeout_s, log_level=cfg.server.log_level,
                 lend_dir=LEND_DIR if host.backend == "cpu" and cfg.cpu.lend_idle_cpus else "",
                 lend_min_batch_ms=cfg.cpu.lend_min_batch_ms, grpc_port=grpc_port, grpc_front=grpc_front)
             env = {**pin, **settings.to_env(), "PYTHONUNBUFFERED": "1"}

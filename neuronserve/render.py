@@ -189,7 +189,8 @@ def _unit_context(plan: Plan, layout: Layout, group: Group) -> dict:
         device_allow=_device_allow(plan, group),
         # /home hidden entirely unless the interpreter or the models live there
         protect_home="read-only" if any(_under_home(p) for p in needs_read) else "yes",
-        stop_timeout_s=int(cfg.server.graceful_timeout_s) + 10)
+        stop_timeout_s=int(cfg.server.graceful_timeout_s) + 10,
+        start_timeout_s=int(cfg.server.start_timeout_s), watchdog_s=cfg.server.watchdog_s)
 
 
 def _gunicorn_context(plan: Plan, group: Group) -> dict:

@@ -120,18 +120,19 @@ def free_port() -> int:
 class Gunicorn:
     """One group's worker as production runs it: gunicorn, one UvicornWorker, no preload, settings in the env."""
 
-    def __init__(self, settings: ServerSettings, log_path: Path, *, port: int | None = None):
+    def __init__(self, settings: ServerSettings, log_path: Path, *, port: int | None = None,
+                 extra_env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
         self.settings = settings
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         env = {k: v for k, v in os.environ.items() if not k.startswith("NEURONSERVE_")}
-        env.update(settings.to_env(), PYTHONUNBUFFERED="1")
+        env.update(settings.to_env(), PYTHONUNBUFFERED="1", **(extra_env or {}))
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-k", "neuronserve.server.worker.Worker", "-w", "1",
              "--no-control-socket", "-b", f"127.0.0.1:{self.port}", "--timeout", "300", "--graceful-timeout", "30",
-             APP],
+             *args, APP],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def log(self) -> str:

@@ -22,7 +22,6 @@ answer within timeout_s.
 """
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import os
@@ -42,17 +41,16 @@ from neuronserve.server import openai, tei
 from neuronserve.server.batcher import ServeError
 from neuronserve.server.grpc_service import GrpcService
 from neuronserve.server.kserve_v2 import VERSION, KServeV2
+from neuronserve.server.lifecycle import BOOT_ERROR, Lifecycle
 from neuronserve.server.model import ServedModel
 from neuronserve.server.protocol import HEADER_LENGTH, InferRequest, ProtocolError, TaskRequest, encode_response, \
     parse_infer_request
 from neuronserve.server.router import APPLICATION_JSON, OCTET_STREAM, Answer, Call, Dispatch, Route, \
     starlette_routes
 from neuronserve.server.settings import ServerSettings
+from neuronserve.server.systemd_notify import Notifier
 
 log = logging.getLogger("neuronserve.server")
-
-BOOT_ERROR = 3      # gunicorn's WORKER_BOOT_ERROR: the master stops (and systemd sees the unit fail) instead of
-                    # respawning a worker that cannot start
 
 
 class JSONResponse(Response):
@@ -133,22 +131,16 @@ def build_app(model: ServedModel) -> FastAPI:
 
     v2 = KServeV2(model)
     lookup, metadata = v2.lookup, v2.metadata
-    grpc = GrpcService(v2, settings.grpc_port, settings.grpc_front) if settings.grpc_port else None
+    life = Lifecycle(model, GrpcService(v2, settings.grpc_port, settings.grpc_front) if settings.grpc_port else None,
+                     Notifier.from_env())
 
     @asynccontextmanager
     async def lifespan(app):
-        model.start(asyncio.get_running_loop())
-        log.info("%s: serving %s (%s, %s) from %s with %d copies x %d threads, buckets %s", settings.group,
-                 model.name, model.task, settings.backend, settings.model_dir, settings.copies, settings.threads,
-                 " ".join(f"{b.batch}x{b.seq}" for b in manifest.buckets))
-        if grpc is not None:
-            await grpc.start()
+        await life.startup()
         try:
             yield
         finally:
-            if grpc is not None:    # calls in flight may take as long as a request may
-                await grpc.stop(settings.timeout_s)
-            model.close()
+            await life.shutdown()
 
     app = App(title="neuronserve", version=__version__, lifespan=lifespan, default_response_class=JSONResponse,
               docs_url=None, redoc_url=None)

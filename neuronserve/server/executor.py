@@ -66,6 +66,7 @@ class Executor:
         self.copies = [Copy(i) for i in range(copies)]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -73,14 +74,21 @@ class Executor:
         self._loop = loop
         for copy in self.copies:
             self._spawn(copy)
-        threading.Thread(target=self._watchdog, name="copy-watchdog", daemon=True).start()
+        self._thread(self._watchdog, "copy-watchdog")
 
-    def stop(self) -> None:
+    def stop(self) -> list[threading.Thread]:
+        """Stop taking batches (with the batcher closed, each copy ends after its batch): the threads to join."""
         self._stop.set()
+        return list(self._threads)
 
     def _spawn(self, copy: Copy) -> None:
-        # daemon: a copy stuck inside its runner must not hold the worker's exit
-        threading.Thread(target=self._serve, args=(copy,), name=f"copy-{copy.index}", daemon=True).start()
+        self._thread(self._serve, f"copy-{copy.index}", copy)
+
+    def _thread(self, target, name: str, *args) -> None:
+        # daemon: a copy stuck inside its runner must not hold the worker's exit (a stop reports it instead)
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
 
     def _watchdog(self) -> None:
         period = min(1.0, self.stuck_after_s / 4)

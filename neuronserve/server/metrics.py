@@ -63,6 +63,7 @@ class Metrics:
                               "inference requests received and not yet answered").labels(**labels)
         self.ready = make(Gauge, "neuronserve_ready", "1 once the warm-up gave the known answer").labels(**labels)
         self._labels = labels
+        self.answered = 0       # every request, read by the systemd status line (a plain int: one thread writes)
         self._by_code: dict[int, Counter] = {}
         self._by_bucket: dict[str, Counter] = {}
 
@@ -71,6 +72,7 @@ class Metrics:
         if counter is None:
             counter = self._by_code[code] = self._requests.labels(code=str(code), **self._labels)
         counter.inc()
+        self.answered += 1
         self.request_duration.observe(seconds)
 
     def weights(self, copy: int, held: dict[str, int]) -> None:

@@ -66,6 +66,7 @@ class ServedModel:
         self._tokenizer_thread = TokenizerThread(self.task, self.tokenizer, self.batcher, settings.truncation)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._became_ready: asyncio.Event | None = None
+        self._outcome: asyncio.Future | None = None
         self._state_lock = threading.Lock()
         self._warmed = False     # every copy passed the warm-up once (a replacement loading later keeps it)
         self.ready = False
@@ -77,6 +78,7 @@ class ServedModel:
         """Start loading and warming the copies in their threads; `ready` turns true when all pass."""
         self._loop = loop
         self._became_ready = asyncio.Event()
+        self._outcome = loop.create_future()
         self._tokenizer_thread.start(loop)
         self.executor.start(loop)
 
@@ -84,10 +86,21 @@ class ServedModel:
         """Returns once every copy passed the warm-up (at once if that happened already)."""
         await self._became_ready.wait()
 
-    def close(self) -> None:
-        self.executor.stop()
+    async def started(self) -> str | None:
+        """None once every copy passed the warm-up; the reason if one failed before that."""
+        return await asyncio.shield(self._outcome)
+
+    def stop(self, timeout_s: float) -> list[str]:
+        """Refuse new work, let each copy finish its batch, and join every thread within `timeout_s`: the names
+        of those still running then (a copy stuck inside its runner cannot be interrupted)."""
         self.batcher.close()
         self._tokenizer_thread.stop()
+        threads = [self._tokenizer_thread.thread, *self.executor.stop()]
+        deadline = time.monotonic() + timeout_s
+        for t in threads:
+            if t is not None:
+                t.join(max(0.0, deadline - time.monotonic()))
+        return [t.name for t in threads if t is not None and t.is_alive()]
 
     def _copies_changed(self) -> None:
         with self._state_lock:
@@ -97,6 +110,8 @@ class ServedModel:
             was = self.ready
             if failed:
                 self.ready, self.reason = False, failed[0]
+                if not self._warmed:
+                    self._settle(failed[0])
             elif loaded == len(copies) or self._warmed:
                 self._warmed = True
                 self.ready, self.reason = True, ""
@@ -104,11 +119,20 @@ class ServedModel:
                 self.reason = f"loading: {loaded} of {len(copies)} copies warmed up"
             self.metrics.ready.set(1 if self.ready else 0)
         if self.ready and not was:
-            try:
-                self._loop.call_soon_threadsafe(self._became_ready.set)
-            except RuntimeError:    # the loop closed: the worker is stopping
-                pass
+            self._settle(None)
             log.info("%s ready: %d copies passed the known-answer warm-up", self.settings.group, len(copies))
+
+    def _settle(self, failure: str | None) -> None:
+        """From a copy thread: the start's outcome, on the loop (the first one counts)."""
+        def settle():
+            if failure is None:
+                self._became_ready.set()
+            if not self._outcome.done():
+                self._outcome.set_result(failure)
+        try:
+            self._loop.call_soon_threadsafe(settle)
+        except RuntimeError:    # the loop closed: the worker is stopping
+            pass
 
     # ---------------------------------------------------------------- the request path
 
@@ -197,10 +221,13 @@ class TokenizerThread:
         self.task, self.tokenizer, self.batcher, self.truncation = task, tokenizer, batcher, truncation
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        threading.Thread(target=self._run, name="tokenizer", daemon=True).start()
+        # a daemon all the same: a stop reports a thread that outlived graceful_timeout_s instead of hanging
+        self.thread = threading.Thread(target=self._run, name="tokenizer", daemon=True)
+        self.thread.start()
 
     def stop(self) -> None:
         self._jobs.put(None)

@@ -36,6 +36,7 @@ class ServerSettings(BaseModel):
     max_batch_tokens: int = Field(0, ge=0, description="0: no limit")
     truncation: bool = True
     timeout_s: float = Field(30.0, gt=0)
+    graceful_timeout_s: float = Field(30.0, ge=0, description="how long a stop waits for the model's threads")
     grpc_port: int = Field(0, ge=0, le=65535, description="KServe v2 gRPC on 127.0.0.1:grpc_port; 0: no gRPC")
     grpc_front: str = Field("", description="the front's gRPC address, through which calls for the host's other "
                                             "models are passed on; empty: none are")
