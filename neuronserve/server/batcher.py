@@ -26,10 +26,11 @@ The queue is bounded (items): `submit` refuses with 503 + Retry-After when it is
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from itertools import accumulate
 from typing import Iterable, NamedTuple
+
+from neuronserve.server.clock import REAL, Clock
 
 
 class ServeError(Exception):
@@ -56,7 +57,7 @@ class Work:
         self.pending = len(items)
         self.future = future
         self.cancelled = False                      # set on the loop, read by the copies: they skip its items
-        self.t0 = 0.0                               # monotonic time it was queued (submit)
+        self.t0 = 0.0                               # monotonic time it was queued (submit; the batcher's clock)
 
 
 WINDOW = 4             # batches' worth of queued items a plan looks at
@@ -103,7 +104,8 @@ class Timings:
 
 class Batcher:
     def __init__(self, buckets: Iterable[tuple[int, int]], *, max_queue: int, max_delay_s: float,
-                 return_wait_share: float = 0.0, exact_shapes: bool = False, max_batch_tokens: int | None = None):
+                 return_wait_share: float = 0.0, exact_shapes: bool = False, max_batch_tokens: int | None = None,
+                 clock: Clock = REAL):
         # cheapest first: fewer padded token slots, then the shorter sequence (attention grows with its square)
         self.buckets = sorted(set(buckets), key=lambda bs: (bs[0] * bs[1], bs[1]))
         if not self.buckets:
@@ -116,11 +118,12 @@ class Batcher:
         self.exact_shapes = exact_shapes
         self.max_batch_tokens = max_batch_tokens       # batch x seq a plan may not exceed (one item always may)
         self.timings = Timings()
+        self.clock = clock      # every time and wait here: tests run the delays on simulated time
         # entries in the batch taken last (by any copy: with several, a copy's done() may count another's batch,
         # which only sizes a bounded wait)
         self._last_taken = 0
         self._expected = 0              # items in the group when the last batch ended: what an idle copy waits for
-        self._ended = 0.0               # monotonic time the last batch ended
+        self._ended = 0.0               # the clock's time the last batch ended
         self._batch_s = 0.0             # running mean of a batch's run time (done() reports it)
         self._queue: deque[tuple[Work, int]] = deque()
         self._cond = threading.Condition()
@@ -147,7 +150,7 @@ class Batcher:
             if len(self._queue) + n > self.max_queue:
                 raise ServeError(503, f"busy: {len(self._queue)} items queued (max_queue {self.max_queue}); "
                                       "retry later", retry_after=1)
-            work.t0 = time.monotonic()
+            work.t0 = self.clock.monotonic()
             self._queue.extend((work, i) for i in range(n))
             self._cond.notify()
 
@@ -158,7 +161,7 @@ class Batcher:
                 if self._closed:
                     return None
                 if not self._queue:
-                    self._cond.wait()
+                    self.clock.wait(self._cond, None)
                     continue
                 queued = len(self._queue)
                 since = self._queue[0][0].t0
@@ -169,9 +172,9 @@ class Batcher:
                     delay = self.return_wait_share * self._batch_s if queued < self._expected else 0.0
                     since = max(since, self._ended)
                 if delay > 0:
-                    wait = since + delay - time.monotonic()
+                    wait = since + delay - self.clock.monotonic()
                     if wait > 0:
-                        self._cond.wait(wait)
+                        self.clock.wait(self._cond, wait)
                         continue
                 batch = self._take()
                 if batch is None:
@@ -189,7 +192,7 @@ class Batcher:
             if seconds is not None:
                 self._batch_s = seconds if not self._batch_s else 0.8 * self._batch_s + 0.2 * seconds
                 self._expected = min(self._last_taken + len(self._queue), self.max_batch)
-                self._ended = time.monotonic()
+                self._ended = self.clock.monotonic()
             self._running -= 1
             if self._queue:
                 self._cond.notify()

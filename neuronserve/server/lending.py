@@ -36,11 +36,12 @@ import os
 import re
 import struct
 import threading
-import time
 from collections import deque
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
+
+from neuronserve.server.clock import REAL, Clock
 
 log = logging.getLogger("neuronserve.server")
 
@@ -135,13 +136,18 @@ class Lending:
     """One group's side: its own CPUs, its published load, and what lending measured per bucket."""
 
     def __init__(self, directory: Path, own: list[int], *, threads: int, patience_s: float, min_batch_s: float,
-                 set_threads: Callable[[int], None] | None = None, on_lent: Callable[[], None] = lambda: None):
+                 set_threads: Callable[[int], None] | None = None, on_lent: Callable[[], None] = lambda: None,
+                 clock: Clock = REAL):
         self.directory = Path(directory)
         self.own = sorted(own)
         self.threads = threads
         self.patience_s = patience_s
         self.min_batch_s = min_batch_s
         self.on_lent = on_lent
+        # every time and wait here and in the seats: tests play the load and the patience on simulated time. A
+        # group compares the times others publish with its own, so the groups of a host all run on the real clock
+        # (CLOCK_MONOTONIC: one for the whole host)
+        self.clock = clock
         if set_threads is None:
             import torch
 
@@ -235,10 +241,11 @@ class Seat:
         # the group is busy from here, waiting for a CPU of its own that is lent out included: counted as idle,
         # that wait made a loaded group look lendable, and two groups under load took turns borrowing each
         # other's CPU, each waiting out the other's lent batch
-        running = lending._started(time.monotonic())
+        clock = lending.clock
+        running = lending._started(clock.monotonic())
         self._bucket = bucket
         held = [f for f in self.own if self._wait_shared(f)]
-        started = time.monotonic()
+        started = clock.monotonic()
         if lone and running == 1 and lending.lends(bucket):
             self.borrowed = [f for f in map(self._other, lending.others()) if f.lendable(started)]
         borrowed = self.borrowed
@@ -249,7 +256,7 @@ class Seat:
                 lending.on_lent()
             yield
         finally:
-            ended = time.monotonic()
+            ended = clock.monotonic()
             if borrowed:
                 lending.set_threads(lending.threads)
                 os.sched_setaffinity(0, lending.own)
@@ -263,7 +270,7 @@ class Seat:
         group's load (a retired copy's batch counted as running kept the group busy for good, so that it never
         lent or borrowed again); should the batch ever return, its end is not counted twice."""
         self.release_borrowed()
-        self._end(time.monotonic(), None, False)
+        self._end(self.lending.clock.monotonic(), None, False)
 
     def release_borrowed(self) -> None:
         borrowed, self.borrowed = self.borrowed, []
@@ -287,10 +294,11 @@ class Seat:
             return True
         # lent out: the borrowed batch ends soon. Polled, not blocking, so that a borrower that hangs costs at
         # most `patience` (flock has no timeout)
-        deadline = time.monotonic() + self.lending.patience_s
+        clock = self.lending.clock
+        deadline = clock.monotonic() + self.lending.patience_s
         pause = 0.0002
-        while time.monotonic() < deadline:
-            time.sleep(pause)
+        while clock.monotonic() < deadline:
+            clock.sleep(pause)
             pause = min(2 * pause, 0.005)
             if f.try_lock(fcntl.LOCK_SH):
                 return True

@@ -1,8 +1,10 @@
 """The batcher and the copies, on a real tiny compiled classifier: bucket choice, splitting, the batching delay,
-the bounded queue, dropped requests of clients that left, and the timeout (with the stuck copy replaced)."""
+the bounded queue, dropped requests of clients that left, and the timeout (with the stuck copy replaced). The
+Batcher's own tests run on a simulated clock (tests/simclock.py), the copies behind it (ServedModel) on the real one."""
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 
@@ -12,10 +14,11 @@ import torch
 
 from neuronserve import tasks
 from neuronserve.artifact import read_manifest
-from neuronserve.server.batcher import Batcher, ServeError, Work
+from neuronserve.server.batcher import Batch, Batcher, ServeError, Work
 from neuronserve.server.model import ServedModel
 from neuronserve.tasks import load_tokenizer
 from server_kit import GatedLoader, compiled, settings_for
+from simclock import SimulatedClock
 
 TASK = "text-classification"
 DEFAULTS = tasks.get(TASK).defaults     # a request without parameters
@@ -43,6 +46,28 @@ def work(its) -> Work:
 
 def taken(batch) -> list[int]:
     return [w.items[i].length for w, i in batch.entries]
+
+
+class Copy(threading.Thread):
+    """A copy asking a Batcher on a SimulatedClock for its next batch on a thread of its own, as the executor's
+    do, so that the test can advance the clock while it waits. A batch asked for on the test's own thread must
+    come at once: there a timed wait never ends (nothing advances the clock), and fails on the clock's guard."""
+
+    def __init__(self, batcher: Batcher):
+        super().__init__(daemon=True)       # one left waiting by a failed test does not hold up the run
+        self.batcher = batcher
+        self.result: list[tuple[float, Batch | None]] = []
+        self.start()
+
+    def run(self) -> None:
+        batch = self.batcher.next_batch()
+        self.result.append((self.batcher.clock.monotonic(), batch))
+
+    def got(self) -> tuple[float, Batch | None]:
+        """(the simulated time it got its batch, the batch)."""
+        self.join(10)       # a guard against a hang, not a measured window
+        assert self.result, "the copy got no batch"
+        return self.result[0]
 
 
 # ---------------------------------------------------------------- the Batcher on its own
@@ -172,77 +197,95 @@ def test_backs_off_when_no_bucket_holds_the_whole_head(tokenizer):
 
 
 def test_lone_request_on_an_idle_server_does_not_wait(tokenizer):
-    b = Batcher(BUCKETS, max_queue=64, max_delay_s=30)
+    clock = SimulatedClock()
+    b = Batcher(BUCKETS, max_queue=64, max_delay_s=30, clock=clock)
     b.submit(work(items(tokenizer, 3)))
-    t0 = time.monotonic()
-    assert b.next_batch() is not None
-    assert time.monotonic() - t0 < 10   # far below the 30 s delay: no copy was busy, so no waiting
+    assert b.next_batch() is not None   # at once (see Copy): no copy was busy, so no waiting
 
 
 def test_waits_for_more_while_another_copy_is_busy(tokenizer):
-    b = Batcher(BUCKETS, max_queue=64, max_delay_s=0.3)
+    clock = SimulatedClock()
+    b = Batcher(BUCKETS, max_queue=64, max_delay_s=0.25, clock=clock)
     b.submit(work(items(tokenizer, 3)))
     assert b.next_batch() is not None          # one copy now executing
+    clock.advance(0.125)
+    t0 = clock.monotonic()
     b.submit(work(items(tokenizer, 3)))
-    t0 = time.monotonic()
-    batch = b.next_batch()
-    assert time.monotonic() - t0 >= 0.25       # waited (about) max_batch_delay for company
-    assert len(batch.entries) == 1
+    copy = Copy(b)
+    assert clock.blocked() == [t0 + 0.25]      # waits max_batch_delay from the item's arrival for company
+    clock.advance(0.25 - 1 / 64)
+    assert not copy.result                     # not a moment less
+    clock.advance(1 / 64)
+    at, batch = copy.got()
+    assert at == t0 + 0.25 and len(batch.entries) == 1
 
 
 def test_a_full_batch_goes_without_waiting_out_the_delay(tokenizer):
-    b = Batcher(BUCKETS, max_queue=64, max_delay_s=30)
+    clock = SimulatedClock()
+    b = Batcher(BUCKETS, max_queue=64, max_delay_s=30, clock=clock)
     b.submit(work(items(tokenizer, 3)))
     assert b.next_batch() is not None          # one copy busy: a partial batch would wait 30 s
-    result = []
-    t = threading.Thread(target=lambda: result.append(b.next_batch()))
-    t.start()
+    copy = Copy(b)
+    assert clock.blocked() == [math.inf]       # nothing queued: waiting for work
+    t0 = clock.monotonic()
     b.submit(work(items(tokenizer, 3, 3)))
     b.submit(work(items(tokenizer, 3, 3)))     # 4 queued = the largest batch
-    t.join(20)
-    assert not t.is_alive() and len(result[0].entries) == 4
+    at, batch = copy.got()
+    assert at == t0 and len(batch.entries) == 4
 
 
 def test_an_idle_copy_waits_for_the_clients_its_last_batch_answered(tokenizer):
     # last batch: 2 items in 2 s, share 0.25 -> an idle copy with 1 queued waits up to 0.5 s for the second
-    b = Batcher(BUCKETS, max_queue=64, max_delay_s=0, return_wait_share=0.25)
+    clock = SimulatedClock()
+    b = Batcher(BUCKETS, max_queue=64, max_delay_s=0, return_wait_share=0.25, clock=clock)
     b.submit(work(items(tokenizer, 3, 3)))
     assert len(b.next_batch().entries) == 2
     b.done(2.0)
+    ended = clock.monotonic()
     b.submit(work(items(tokenizer, 3)))
-    threading.Timer(0.05, b.submit, [work(items(tokenizer, 4))]).start()
-    assert taken(b.next_batch()) == [5, 6]         # the second client back joined the first
+    copy = Copy(b)
+    assert clock.blocked() == [ended + 0.5]
+    clock.advance(0.25)
+    b.submit(work(items(tokenizer, 4)))
+    at, batch = copy.got()
+    assert at == ended + 0.25 and taken(batch) == [5, 6]       # the second client back joined the first
     b.done(2.0)
     # nobody else comes: the first one back runs alone once the wait is over, no later
+    ended = clock.monotonic()
     b.submit(work(items(tokenizer, 3)))
-    t0 = time.monotonic()
-    assert taken(b.next_batch()) == [5]
-    assert 0.45 <= time.monotonic() - t0 < 10
+    copy = Copy(b)
+    assert clock.blocked() == [ended + 0.5]
+    clock.advance(0.5 - 1 / 64)
+    assert not copy.result
+    clock.advance(1 / 64)
+    at, batch = copy.got()
+    assert at == ended + 0.5 and taken(batch) == [5]
     b.done(2.0)
     # a lone client (one item in the group when the last batch ended) never waits
     b.submit(work(items(tokenizer, 3)))
-    t0 = time.monotonic()
-    assert taken(b.next_batch()) == [5]
-    assert time.monotonic() - t0 < 0.45
+    assert taken(b.next_batch()) == [5]         # at once (see Copy)
     # two clients taking turns in batches of one: when the batch ends one is queued and the other, just answered,
     # is on its way back; the copy waits for it rather than running the queued one alone again
     b.submit(work(items(tokenizer, 4)))
-    time.sleep(0.6)         # the batch runs on; the queued one has waited longer than the wait by its end
+    clock.advance(0.75)     # the batch runs on; the queued one has waited longer than the wait by its end
     b.done(2.0)
-    threading.Timer(0.05, b.submit, [work(items(tokenizer, 3))]).start()
-    assert taken(b.next_batch()) == [6, 5]
+    ended = clock.monotonic()
+    copy = Copy(b)
+    assert clock.blocked() == [ended + 0.5]     # counted from the batch's end
+    b.submit(work(items(tokenizer, 3)))
+    at, batch = copy.got()
+    assert at == ended and taken(batch) == [6, 5]
     b.done(2.0)
 
 
 def test_a_copy_given_up_on_does_not_count_as_a_batch_time(tokenizer):
-    b = Batcher(BUCKETS, max_queue=64, max_delay_s=0, return_wait_share=0.5)
+    clock = SimulatedClock()
+    b = Batcher(BUCKETS, max_queue=64, max_delay_s=0, return_wait_share=0.5, clock=clock)
     b.submit(work(items(tokenizer, 3, 3)))
     b.next_batch()
     b.done(None)            # the watchdog's release: no run time known, none learnt
     b.submit(work(items(tokenizer, 3)))
-    t0 = time.monotonic()
-    assert taken(b.next_batch()) == [5]
-    assert time.monotonic() - t0 < 5
+    assert taken(b.next_batch()) == [5]         # at once (see Copy)
 
 
 def test_full_queue_refuses_with_retry_after(tokenizer):
@@ -268,14 +311,12 @@ def test_cancelled_work_is_dropped_before_it_runs(tokenizer):
 
 
 def test_close_wakes_waiting_copies(tokenizer):
-    b = Batcher(BUCKETS, max_queue=64, max_delay_s=0)
-    result = []
-    t = threading.Thread(target=lambda: result.append(b.next_batch()))
-    t.start()
-    time.sleep(0.1)
+    clock = SimulatedClock()
+    b = Batcher(BUCKETS, max_queue=64, max_delay_s=0, clock=clock)
+    copy = Copy(b)
+    assert clock.blocked() == [math.inf]       # waiting for work
     b.close()
-    t.join(10)
-    assert result == [None]
+    assert copy.got()[1] is None
     with pytest.raises(ServeError):
         b.submit(work(items(tokenizer, 1)))
 

@@ -1,6 +1,8 @@
 """Lending idle CPUs between CPU groups (server/lending.py): real lock files and real affinity, two groups played
 by two Lending objects in this process (flocks belong to open files, so they exclude each other here exactly as
-between two workers), a crashed borrower played by a real child process."""
+between two workers), a crashed borrower played by a real child process. Time is simulated (tests/simclock.py):
+the groups' load and an owner's patience are exact windows; a thread that waits for its CPU polls on the
+simulated clock, and the test advances it."""
 from __future__ import annotations
 
 import fcntl
@@ -8,16 +10,17 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
-from neuronserve.server.lending import LENT_WINDOW, REVISIT, SLOT, Lending, cpu_file
+from neuronserve.server.lending import LENT_WINDOW, REVISIT, SLOT, SMOOTHING, Lending, cpu_file
+from simclock import SimulatedClock
 
 CPUS = sorted(os.sched_getaffinity(0))
 pytestmark = pytest.mark.skipif(len(CPUS) < 2, reason="lending needs two CPUs")
 A_CPU, B_CPU = CPUS[:2]
 BUCKET = (1, 128)
+POLL = 1 / 64       # a step of simulated time longer than an owner's pause between two looks at its lent CPU
 
 
 class Threads:
@@ -34,11 +37,12 @@ class Threads:
 def groups(tmp_path):
     """Group a owns A_CPU, group b owns B_CPU; each may borrow the other's. Runs on A_CPU like a pinned worker."""
     made = {}
+    clock = SimulatedClock()        # one for both groups, as the real one is for the groups of a host
     for name, own in (("a", A_CPU), ("b", B_CPU)):
         lent = []
         # min_batch_s 0: the batches here are instant
         lending = Lending(tmp_path, [own], threads=1, patience_s=5.0, min_batch_s=0.0, set_threads=Threads(),
-                          on_lent=lambda lent=lent: lent.append(1))
+                          on_lent=lambda lent=lent: lent.append(1), clock=clock)
         lending.record(BUCKET, 0.1, lent=False)             # as the warm-up does
         lending.lent_count = lent
         made[name] = lending
@@ -86,7 +90,7 @@ def test_no_borrowing_when_not_lone_or_the_owner_runs(groups):
 
 def test_a_group_serving_a_steady_stream_keeps_its_cpu(groups):
     a, b = groups
-    now = time.monotonic()
+    now = a.clock.monotonic()
     # b: 100 ms batches with 1 ms gaps, its last one just ended: busy ~99 % of the time
     b._publisher[0].publish(0.1, 0.001, now)
     with a.seat().run(BUCKET, lone=True):
@@ -99,55 +103,73 @@ def test_a_group_serving_a_steady_stream_keeps_its_cpu(groups):
 
 def test_the_owner_publishes_its_load(groups, tmp_path):
     a, b = groups
+    clock = b.clock
     seat = b.seat()
+    batch, gap = 1 / 32, 1 / 64
     for _ in range(3):
         with seat.run(BUCKET, lone=False):
-            time.sleep(0.02)
-        time.sleep(0.01)
+            clock.advance(batch)
+        clock.advance(gap)
     with open(cpu_file(tmp_path, B_CPU), "rb") as f:
-        busy, gap, last_end, since = SLOT.unpack(f.read(SLOT.size))
-    assert 0.015 < busy < 0.5 and 0.005 < gap < 0.5 and 0 < time.monotonic() - last_end < 0.5 and since == 0
+        busy, gap_mean, last_end, since = SLOT.unpack(f.read(SLOT.size))
+    # running means from 0: three batches, two gaps (the first batch follows none)
+    assert busy == pytest.approx(batch * (1 - SMOOTHING ** 3)) and gap_mean == pytest.approx(gap * (1 - SMOOTHING ** 2))
+    assert last_end == clock.monotonic() - gap and since == 0
     # while it has work, running or waiting, it says so, and is not borrowed from whatever its history
     with seat.run(BUCKET, lone=False):
         with open(cpu_file(tmp_path, B_CPU), "rb") as f:
-            assert SLOT.unpack(f.read(SLOT.size))[3] > last_end
-        assert b._publisher[0].owner_busy_share(time.monotonic()) == 1.0
+            assert SLOT.unpack(f.read(SLOT.size))[3] == last_end + gap
+        assert b._publisher[0].owner_busy_share(clock.monotonic()) == 1.0
+
+
+def owner(lending: Lending) -> tuple[threading.Thread, list[float]]:
+    """A batch of `lending`'s group on a thread of its own, so that the test can advance the clock while it waits
+    for its CPU: [the simulated time it started running]."""
+    entered = []
+
+    def run():
+        with lending.seat().run(BUCKET, lone=False):
+            entered.append(lending.clock.monotonic())
+
+    thread = threading.Thread(target=run, daemon=True)     # one left waiting by a failed test holds nothing up
+    thread.start()
+    return thread, entered
 
 
 def test_the_owner_waits_for_a_lent_batch_then_runs(groups):
     a, b = groups
+    clock = a.clock
     lent = threading.Event()
     release = threading.Event()
 
     def borrower():
         with a.seat().run(BUCKET, lone=True):
             lent.set()
-            release.wait(5)
+            release.wait(10)
 
-    t = threading.Thread(target=borrower)
+    t = threading.Thread(target=borrower, daemon=True)
     t.start()
-    assert lent.wait(5)
-    entered = []
-
-    def owner():
-        with b.seat().run(BUCKET, lone=False):
-            entered.append(time.monotonic())
-
-    owner = threading.Thread(target=owner)
-    owner.start()
-    time.sleep(0.2)
-    assert entered == []                     # still lent
-    assert b._publisher[0].owner_busy_share(time.monotonic()) == 1.0    # and b, waiting, shows it has work
-    released_at = time.monotonic()
+    assert lent.wait(10)
+    started = clock.monotonic()
+    thread, entered = owner(b)
+    for _ in range(16):                     # a quarter of a second lent out
+        clock.blocked()                     # the owner pauses between two looks at its CPU
+        assert entered == []                # still lent
+        assert b._publisher[0].owner_busy_share(clock.monotonic()) == 1.0    # and b, waiting, shows it has work
+        clock.advance(POLL)
+    clock.blocked()
+    released_at = clock.monotonic()
     release.set()
-    owner.join(5)
-    t.join(5)
-    assert entered and entered[0] >= released_at
+    t.join(10)
+    assert not t.is_alive()
+    clock.advance(POLL)
+    thread.join(10)
+    assert entered == [released_at + POLL]  # at its first look once the lent batch ended
     # the wait counts as b's busy time: b was loaded, not idle, so a's next lone batch leaves b's CPU alone
     # (counted as idle, it made two loaded groups take turns borrowing each other's CPU)
     with open(cpu_file(b.directory, B_CPU), "rb") as f:
         busy, gap, last_end, since = SLOT.unpack(f.read(SLOT.size))
-    assert busy >= 0.5 * 0.2
+    assert busy == (1 - SMOOTHING) * (last_end - started) and last_end == released_at + POLL
     with a.seat().run(BUCKET, lone=True):
         assert os.sched_getaffinity(0) == {A_CPU}
 
@@ -178,19 +200,25 @@ def test_a_hung_borrower_costs_the_owner_at_most_its_patience(tmp_path):
         f"fd = os.open({str(cpu_file(tmp_path, B_CPU))!r}, os.O_RDWR | os.O_CREAT)\n"
         "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(60)\n")],
         stdout=subprocess.PIPE, text=True)
+    clock = SimulatedClock()
     try:
         assert child.stdout.readline().strip() == "locked"
-        b = Lending(tmp_path, [B_CPU], threads=1, patience_s=0.3, min_batch_s=0.0, set_threads=Threads())
-        start = time.monotonic()
-        with b.seat().run(BUCKET, lone=False):
-            waited = time.monotonic() - start
-        assert 0.3 <= waited < 3
+        b = Lending(tmp_path, [B_CPU], threads=1, patience_s=0.25, min_batch_s=0.0, set_threads=Threads(),
+                    clock=clock)
+        start = clock.monotonic()
+        thread, entered = owner(b)
+        while clock.monotonic() < start + 0.25:
+            clock.blocked()             # the owner pauses between two looks at its CPU
+            assert entered == []
+            clock.advance(POLL)
+        thread.join(10)
+        assert entered == [start + 0.25]
     finally:
         child.kill()
         child.wait()
-    start = time.monotonic()
+    # at once, on this thread: a wait here would never end (nothing advances the clock) and fail on its guard
     with b.seat().run(BUCKET, lone=False):
-        assert time.monotonic() - start < 0.3
+        pass
 
 
 def test_the_watchdog_gives_back_a_stuck_copys_borrowed_cpus_and_ends_its_batch(groups):
