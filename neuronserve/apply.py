@@ -12,7 +12,9 @@ could not reserve the cores the old one still holds. On Neuron, apply also check
 holds the group's cores any more before it starts the group again.
 
 Groups that are not running are started together and admitted once ready; groups the config no longer has
-are taken out of nginx, then stopped, disabled and their files removed.
+are taken out of nginx, then stopped, disabled and their files removed. A group still running under the whole
+unit an earlier version wrote (neuronserve-<group>.service) is rolled the same way onto its instance of the
+template unit (neuronserve@<group>.service), and the old unit removed after.
 """
 from __future__ import annotations
 
@@ -221,8 +223,12 @@ class Applier:
         check_user(self.cfg.server.user)
         groups = self.plan.groups
         running = running_groups(self.plan, self.systemctl)
+        # groups serving from a legacy unit: moved onto their instance one at a time, like a changed group
+        legacy = {g.name for g in groups if self.systemctl.is_active(g.legacy_unit) == "active"}
         new = [g for g in groups if g.name not in running]
+        planned_legacy = {g.legacy_unit for g in groups}
         stale = render.stale_units(self.layout, self.plan)
+        removed = {u: files for u, files in stale.items() if u not in planned_legacy}
         try:
             self.front_before = self.layout.nginx_conf.read_text(encoding="utf-8")
         except OSError:
@@ -233,22 +239,29 @@ class Applier:
         self.result.changes = changes
         for c in changes:
             self.step(c.action, str(c.path))
-        roll = groups_to_roll(self.plan, self.layout, running, changes, restart_all)
+        roll = [g for g in groups_to_roll(self.plan, self.layout, running, changes, restart_all) if g.name not in legacy]
+        roll += [g for g in groups if g.name in legacy]
+        for path in render.superseded_units(self.layout):
+            path.unlink()
+            self.step("remove", str(path), "the package's copy takes over")
 
         self.systemctl.daemon_reload()
         self.step("daemon-reload", "systemd")
-        if self.cfg.nginx.enabled and (stale or self.layout.nginx_conf in {c.path for c in changes}):
+        if self.cfg.nginx.enabled and (removed or self.layout.nginx_conf in {c.path for c in changes}):
             self.reload_front()
             self.step("nginx", NGINX_UNIT, "reloaded" + (f": {len(new)} new group(s) stay out until ready"
                                                          if new else ""))
-        for path in stale:
-            self.remove_unit(path)
-        if stale:
+        for unit, files in removed.items():
+            self.remove_unit(unit, files)
+        if removed:
             self.systemctl.daemon_reload()
             self.step("daemon-reload", "systemd")
 
-        self.systemctl.enable(render.TARGET, *(g.unit for g in groups))
-        self.step("enable", render.TARGET, f"and {len(groups)} group unit(s)")
+        # a migrating group's instance is enabled when it starts: the target must not start it beside the
+        # legacy unit that still holds its port
+        enabled = [g.unit for g in groups if g.name not in legacy]
+        self.systemctl.enable(render.TARGET, *enabled)
+        self.step("enable", render.TARGET, f"and {len(enabled)} group unit(s)")
         if new:
             self.systemctl.start(*(g.unit for g in new))
             for g in new:
@@ -261,7 +274,13 @@ class Applier:
             self.write_front(set(), "admitted " + ", ".join(g.name for g in new), NGINX_UNIT)
 
         for g in roll:
-            self.roll(g)
+            self.roll(g, migrate=g.name in legacy)
+        migrated = {u: files for u, files in stale.items() if u in planned_legacy}
+        for unit, files in migrated.items():
+            self.remove_unit(unit, files, why="replaced by its instance of neuronserve@.service", keep_conf=True)
+        if migrated:
+            self.systemctl.daemon_reload()
+            self.step("daemon-reload", "systemd")
 
         # the final state: every group in; a no-op write when the last admit already wrote it
         if self.cfg.nginx.enabled:
@@ -271,38 +290,48 @@ class Applier:
             self.step("nginx", NGINX_UNIT, "reloaded")
         return self.result
 
-    def roll(self, g: Group) -> None:
+    def roll(self, g: Group, *, migrate: bool = False) -> None:
         siblings = [o for o in self.plan.groups if o.model == g.model and o is not g]
         if not siblings:
             self.step("warning", g.name, f"the only group of model {g.model}: its requests fail while it restarts")
         self.write_front({g.name}, "drained", g.name)
         self.wait_drained(g)
-        self.systemctl.stop(g.unit)
-        self.step("stop", g.unit)
+        old = g.legacy_unit if migrate else g.unit
+        self.systemctl.stop(old)
+        self.step("stop", old)
         self.wait_cores_free(g)
+        if migrate:
+            self.systemctl.enable(g.unit)
         self.systemctl.start(g.unit)
         self.step("start", g.unit, f"cores {g.core_list}, port {g.port}")
         self.step("ready", g.unit, f"after {self.wait_ready(g):.1f} s")
         self.write_front(set(), "admitted", g.name)
         self.result.rolled.append(g.name)
 
-    def remove_unit(self, path: Path) -> None:
-        unit = path.name
+    def remove_unit(self, unit: str, files: list[Path], *, why: str = "no longer in the config",
+                    keep_conf: bool = False) -> None:
         self.systemctl.stop(unit)
         self.systemctl.disable(unit)
-        path.unlink(missing_ok=True)
-        self.layout.gunicorn_conf(group_of_unit(unit)).unlink(missing_ok=True)
-        self.step("remove", unit, "no longer in the config: stopped, disabled, deleted")
+        for path in files:
+            path.unlink(missing_ok=True)
+            if path.parent.name.endswith(".d") and not any(path.parent.iterdir()):
+                path.parent.rmdir()     # a sysadmin's override.conf beside it keeps the directory
+        if not keep_conf:
+            self.layout.gunicorn_conf(group_of_unit(unit)).unlink(missing_ok=True)
+        self.step("remove", unit, f"{why}: stopped, disabled, deleted")
         self.result.removed.append(unit)
 
 
 def group_files(layout: Layout, g: Group) -> set[Path]:
-    """The rendered files a group's process reads at start: a change in one means a restart."""
-    return {layout.unit_path(g.unit), layout.gunicorn_conf(g.name)}
+    """The rendered files a group's process reads at start: a change in one means a restart (a change to the
+    template unit itself, by a package upgrade, waits for `apply --restart-all`)."""
+    return {layout.dropin_path(g.unit), layout.gunicorn_conf(g.name)}
 
 
 def running_groups(plan: Plan, systemctl: Systemctl) -> set[str]:
-    return {g.name for g in plan.groups if systemctl.is_active(g.unit) == "active"}
+    """Groups serving now, from their instance or from a legacy unit."""
+    return {g.name for g in plan.groups
+            if "active" in (systemctl.is_active(g.unit), systemctl.is_active(g.legacy_unit))}
 
 
 def groups_to_roll(plan: Plan, layout: Layout, running: set[str], changes: list[render.Change],
@@ -325,7 +354,7 @@ def preview(plan: Plan, layout: Layout, systemctl: Systemctl | None = None, *, r
     changes = render.write_files(render.render_files(plan, layout), dry_run=True)
     return Preview(changes=changes, start=[g.name for g in plan.groups if g.name not in running],
                    roll=[g.name for g in groups_to_roll(plan, layout, running, changes, restart_all)],
-                   remove=[p.name for p in render.stale_units(layout, plan)])
+                   remove=list(render.stale_units(layout, plan)))
 
 
 def apply(plan: Plan, layout: Layout, *, restart_all: bool = False, **kwargs) -> Result:

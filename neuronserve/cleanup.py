@@ -1,8 +1,10 @@
 """`neuronserve cleanup`: stop, disable and remove neuronserve's own units and nginx config, and nothing else.
 
-"Own" is decided file by file: a unit named neuronserve.target or neuronserve-*.service in the unit directory,
-the front config at nginx.conf_path, its token map and the gunicorn configs, each only if it carries the header
-`neuronserve render` writes. A file with one of those names but without the header was written by someone else:
+"Own" is decided file by file: the groups' drop-ins (neuronserve@<group>.service.d/10-neuronserve.conf), the
+legacy whole units of earlier versions (neuronserve-<group>.service), copies of the template unit and target
+written where no package installed them, the front config at nginx.conf_path, its token map and the gunicorn
+configs, each only if it carries the header `neuronserve render` writes. A package's own files (the template
+unit and target in /usr/lib) and a sysadmin's override.conf stay. A file with one of those names but without the header was written by someone else:
 it is reported and left alone. No other unit, service or container is ever stopped. The config, the model
 repository and the neuronserve user stay (the package's purge removes those).
 """
@@ -15,7 +17,7 @@ from typing import Callable
 from neuronserve import render
 from neuronserve.apply import NGINX_UNIT, Front, Step
 from neuronserve.layout import Layout
-from neuronserve.plan import group_of_unit
+from neuronserve.plan import LEGACY_PREFIX, UNIT_SUFFIX, group_of_unit
 from neuronserve.systemctl import Systemctl
 
 
@@ -28,27 +30,23 @@ class Found:
     foreign: list[Path] = field(default_factory=list)        # our names, someone else's content: left alone
 
 
-def _ours(path: Path) -> bool:
-    try:
-        return render.HEADER in path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-
-
 def _is_our_unit_name(name: str) -> bool:
     return name == render.TARGET or group_of_unit(name) is not None
 
 
 def find(layout: Layout, systemctl: Systemctl) -> Found:
     found = Found()
-    candidates = [layout.unit_path(render.TARGET), *sorted(layout.unit_dir.glob(render.UNIT_GLOB))]
-    for path in candidates:
-        if not path.is_file():
-            continue
-        if _ours(path):
-            found.unit_files.append(path)
-            found.units.append(path.name)
-        else:
+    if any((d / render.TARGET).is_file() for d in (layout.unit_dir, layout.packaged_unit_dir)):
+        found.units.append(render.TARGET)       # first: stopping it stops every group (PartOf=)
+    for unit, files in render.group_unit_files(layout).items():
+        found.units.append(unit)
+        found.unit_files.extend(files)
+    for name in render.SHIPPED_UNITS:
+        path = layout.unit_path(name)
+        if path.is_file():
+            (found.unit_files if render.ours(path) else found.foreign).append(path)
+    for path in layout.unit_dir.glob(f"{LEGACY_PREFIX}*{UNIT_SUFFIX}"):
+        if group_of_unit(path.name) and not render.ours(path):
             found.foreign.append(path)
     # units still loaded (running, or failed) whose file is already gone
     foreign_names = {p.name for p in found.foreign}
@@ -57,9 +55,9 @@ def find(layout: Layout, systemctl: Systemctl) -> Found:
             found.units.append(unit)
     for path in (layout.nginx_conf, render.auth_map_path(layout)):
         if path.is_file():
-            (found.front_files if _ours(path) else found.foreign).append(path)
+            (found.front_files if render.ours(path) else found.foreign).append(path)
     for path in sorted(layout.gunicorn_dir.glob("*.conf.py")) if layout.gunicorn_dir.is_dir() else []:
-        (found.other_files if _ours(path) else found.foreign).append(path)
+        (found.other_files if render.ours(path) else found.foreign).append(path)
     # enable links left by a unit file deleted by hand (disable needs the file to find them)
     for link in sorted(layout.unit_dir.glob("*.wants/*")):
         if link.is_symlink() and _is_our_unit_name(link.name) and not link.exists():
@@ -96,11 +94,13 @@ def cleanup(layout: Layout, *, systemctl: Systemctl | None = None, front: Front 
         step("stop", " ".join(found.units))
     if found.unit_files:
         if not dry_run:
-            systemctl.disable(*(p.name for p in found.unit_files))
-        step("disable", " ".join(p.name for p in found.unit_files))
+            systemctl.disable(*found.units)
+        step("disable", " ".join(found.units))
     for path in found.unit_files + found.other_files:
         if not dry_run:
             path.unlink(missing_ok=True)
+            if path.parent.name.endswith(".d") and not any(path.parent.iterdir()):
+                path.parent.rmdir()     # a sysadmin's override.conf beside it keeps the directory
         step("remove", str(path))
     wants = layout.unit_path(render.TARGET + ".wants")
     if wants.is_dir() and not any(wants.iterdir()) and not dry_run:

@@ -444,13 +444,15 @@ def apply_cmd(config_path, backend, dry_run, restart_all, ready_timeout):
     """Render the units and the nginx front, then start or roll the groups. Run as root.
 
     \b
-    1. writes /etc/systemd/system/neuronserve-<group>.service, neuronserve.target,
+    1. writes each group's drop-in for neuronserve@<group>.service,
        /etc/neuronserve/gunicorn/*.conf.py and the nginx front (only files that changed)
-    2. systemctl daemon-reload; enable neuronserve.target and the group units
+    2. systemctl daemon-reload; enable neuronserve.target and the group instances
     3. groups not running: start, wait until ready (warm-up passed), then into nginx
     4. running groups whose files changed, one at a time: mark down in nginx and
        reload it, wait for in-flight requests, stop, start, wait ready, re-admit
-    5. groups the config no longer has: out of nginx, stopped, disabled, deleted
+    5. groups the config no longer has: out of nginx, stopped, disabled, deleted;
+       groups running under an earlier version's neuronserve-<group>.service are
+       rolled onto their instance the same way, and the old unit removed
     6. reload nginx
 
     A group is always stopped before it starts again (never a HUP reload): on Neuron the new
@@ -503,8 +505,10 @@ def status_cmd(config_path, backend, interval, as_json):
 def cleanup_cmd(config_path, dry_run):
     """Stop, disable and remove neuronserve's own units and nginx front config. Run as root.
 
-    Touches only neuronserve.target, neuronserve-*.service, the gunicorn configs and the front
-    config at nginx.conf_path, and each only if `neuronserve render` wrote it (its header line).
+    Touches only the groups' drop-ins (neuronserve@<group>.service.d/10-neuronserve.conf),
+    earlier versions' neuronserve-<group>.service, the gunicorn configs and the front config at
+    nginx.conf_path, and each only if `neuronserve render` wrote it (its header line); the
+    package's template unit and target, and a sysadmin's override.conf, stay.
     Other units, services and containers are never touched; the config, the model repository and
     the neuronserve user stay. Without a config file, the default paths are cleaned.
     """
@@ -529,8 +533,10 @@ def render_cmd(config_path, backend, root, dry_run):
 
     \b
     Files (under --root):
-      /etc/systemd/system/neuronserve-<group>.service   one per core group
-      /etc/systemd/system/neuronserve.target            wants every group
+      /etc/systemd/system/neuronserve@<group>.service.d/10-neuronserve.conf
+                                 what each group's instance of neuronserve@.service has of its own
+      /etc/systemd/system/neuronserve@.service, neuronserve.target
+                                 copies of the shipped units, only where no package installed them
       /etc/neuronserve/gunicorn/<group>.conf.py         bind 127.0.0.1:<port>, 1 worker
       nginx.conf_path (/etc/nginx/conf.d/neuronserve.conf)   upstreams + the front server
 

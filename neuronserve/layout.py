@@ -29,6 +29,11 @@ class Layout:
         return self.under("/etc/systemd/system")
 
     @property
+    def packaged_unit_dir(self) -> Path:
+        """Where the packages install the template unit and the target (systemd/ in the source tree)."""
+        return self.under("/usr/lib/systemd/system")
+
+    @property
     def etc_dir(self) -> Path:
         return self.under("/etc/neuronserve")
 
@@ -59,3 +64,8 @@ class Layout:
 
     def unit_path(self, unit: str) -> Path:
         return self.unit_dir / unit
+
+    def dropin_path(self, unit: str) -> Path:
+        """The drop-in neuronserve owns for a unit; a sysadmin's `systemctl edit` writes override.conf beside it,
+        which sorts after it and so wins."""
+        return self.unit_dir / f"{unit}.d" / "10-neuronserve.conf"

@@ -110,8 +110,12 @@ FILES = [
     ("{dropins}", "Drop-ins, merged over it in name order."),
     ("{templates}/", "A template here replaces the packaged one of the same name in what `neuronserve render` "
                      "writes."),
-    ("{units}", "One unit per core group, written by `neuronserve render` and `neuronserve apply`."),
-    ("{target}", "Wants every group unit: `systemctl stop neuronserve.target` stops them all."),
+    ("{template}", "The template unit every core group is an instance of (neuronserve@<group>.service), "
+                   "installed by the package; `systemctl edit neuronserve@.service` changes every group."),
+    ("{unit_dropins}", "What one group has of its own (ExecStart, Environment, CPUAffinity, devices), written by "
+                  "`neuronserve render` and `neuronserve apply`."),
+    ("{target}", "Every enabled group: `systemctl start neuronserve.target` returns once they are ready, "
+                 "`systemctl stop neuronserve.target` stops them all."),
     ("{gunicorn}", "Each group's gunicorn configuration (bind 127.0.0.1:PORT, one worker)."),
     ("{nginx}", "The nginx front: one upstream per model, and the server clients reach (nginx.conf_path)."),
     ("{auth_map}", "The front's bearer token, when nginx.auth_token_file is set."),
@@ -137,7 +141,7 @@ EXAMPLES = [
      ["neuronserve bench --concurrency 1,4,16 --duration 20",
       "neuronserve bench --sweep 1x2,2x1 --concurrency 16"]),
     ("Health for a monitoring script (exit status 1 when a group is not ready), and one group's log:",
-     ["neuronserve status --json", "journalctl -u neuronserve-bert-qa-0.service -f"]),
+     ["neuronserve status --json", "journalctl -u neuronserve@bert-qa-0.service -f"]),
     ("Stop and remove the units and the nginx front neuronserve wrote:", ["sudo neuronserve cleanup"]),
 ]
 
@@ -334,11 +338,14 @@ def paths() -> dict[str, str]:
     """Where things live on a host with the default config, as Layout and render name them."""
     from neuronserve import render
     from neuronserve.layout import Layout
+    from neuronserve.plan import UNIT_TEMPLATE
 
     layout = Layout(Path("/"), config.Config())
     found = dict(config=config.DEFAULT_PATH, dropins=config.DEFAULT_PATH.parent / "conf.d" / "*.toml",
-                 templates=layout.template_override_dir, units=layout.unit_path(render.UNIT_GLOB),
-                 target=layout.unit_path(render.TARGET), gunicorn=layout.gunicorn_conf("GROUP"),
+                 templates=layout.template_override_dir,
+                 template=layout.packaged_unit_dir / UNIT_TEMPLATE,
+                 unit_dropins=layout.dropin_path("neuronserve@GROUP.service"),
+                 target=layout.packaged_unit_dir / render.TARGET, gunicorn=layout.gunicorn_conf("GROUP"),
                  nginx=layout.nginx_conf, auth_map=render.auth_map_path(layout), models=layout.model_repository)
     return {k: str(v) for k, v in found.items()}
 

@@ -21,14 +21,18 @@ APP = "neuronserve.server.app:create_app()"
 LEND_DIR = "/run/neuronserve/cpus"
 
 
-# a group's unit is neuronserve-<group>.service: the names apply, cleanup, status and doctor recognise as ours
-UNIT_PREFIX, UNIT_SUFFIX = "neuronserve-", ".service"
+# a group is an instance of the template unit, neuronserve@<group>.service: the names apply, cleanup, status and
+# doctor recognise as ours. Earlier versions gave each group a whole unit of its own, neuronserve-<group>.service: apply
+# migrates those, cleanup removes them.
+UNIT_TEMPLATE = "neuronserve@.service"
+UNIT_PREFIX, LEGACY_PREFIX, UNIT_SUFFIX = "neuronserve@", "neuronserve-", ".service"
 
 
 def group_of_unit(unit: str) -> str | None:
-    """The group a unit name belongs to, or None for a unit that is not a group's."""
-    if unit.startswith(UNIT_PREFIX) and unit.endswith(UNIT_SUFFIX) and len(unit) > len(UNIT_PREFIX + UNIT_SUFFIX):
-        return unit[len(UNIT_PREFIX):-len(UNIT_SUFFIX)]
+    """The group a unit name belongs to (an instance, or a legacy whole unit), or None for any other unit."""
+    for prefix in (UNIT_PREFIX, LEGACY_PREFIX):
+        if unit.startswith(prefix) and unit.endswith(UNIT_SUFFIX) and len(unit) > len(prefix + UNIT_SUFFIX):
+            return unit[len(prefix):-len(UNIT_SUFFIX)]
     return None
 
 
@@ -47,6 +51,11 @@ class Group:
     @property
     def unit(self) -> str:
         return UNIT_PREFIX + self.name + UNIT_SUFFIX
+
+    @property
+    def legacy_unit(self) -> str:
+        """The whole unit an earlier version wrote for this group (apply migrates it)."""
+        return LEGACY_PREFIX + self.name + UNIT_SUFFIX
 
     @property
     def address(self) -> str:

@@ -94,6 +94,8 @@ def test_package_contents(builds):
         assert any(w.startswith("pydantic_core-") and f"-{tag}-" in w for w in wheels), tag
         assert f"requirements-{tag}.txt" in wheels
     for path in ("./usr/bin/neuronserve", "./opt/neuronserve/bin/install-venv", "." + CONFFILE,
+                 "./usr/lib/systemd/system/neuronserve@.service", "./usr/lib/systemd/system/neuronserve.target",
+                 "./usr/lib/sysusers.d/neuronserve.conf", "./usr/lib/tmpfiles.d/neuronserve.conf",
                  "./usr/share/neuronserve/udev/60-neuronserve-neuron.rules", "./usr/share/man/man1/neuronserve.1.gz",
                  "./usr/share/man/man5/neuronserve.toml.5.gz"):
         assert path in deb, path
@@ -132,15 +134,18 @@ def test_deb_install_upgrade_remove_purge(builds, debian_root):
     # render what the installed neuronserve plans, and let systemd check the units against the installed files
     (root / "etc/neuronserve/conf.d/50-test.toml").write_text(MODEL_CONFIG)
     root.run("neuronserve", "render")
-    units = sorted(p.name for p in (root / "etc/systemd/system").glob("neuronserve*"))
-    assert units == ["neuronserve-minilm-0.service", "neuronserve.target"], units
-    unit_text = (root / "etc/systemd/system/neuronserve-minilm-0.service").read_text()
+    # the package installed the template unit and the target: render writes only the group's drop-in
+    rendered = sorted(p.name for p in (root / "etc/systemd/system").glob("neuronserve*"))
+    assert rendered == ["neuronserve@minilm-0.service.d"], rendered
+    assert (root / "usr/lib/systemd/system/neuronserve@.service").is_file()
+    unit_text = (root / "etc/systemd/system/neuronserve@minilm-0.service.d/10-neuronserve.conf").read_text()
     assert f"ExecStart={VENV}/bin/python" in unit_text, unit_text
-    verify = root.run("systemd-analyze", "verify", "--man=no",
-                      *(f"/etc/systemd/system/{u}" for u in units), check=False)
+    verify = root.run("systemd-analyze", "verify", "--man=no", "neuronserve.target", "neuronserve@minilm-0.service",
+                      check=False)
     assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
-    root.run("systemctl", "enable", "neuronserve.target")
-    assert list((root / "etc/systemd/system").glob("*.wants/neuronserve*"))
+    root.run("systemctl", "enable", "neuronserve.target", "neuronserve@minilm-0.service")
+    assert [p.name for p in (root / "etc/systemd/system").glob("neuronserve.target.wants/*")] == [
+        "neuronserve@minilm-0.service"]
 
     # upgrade to X.1: the edited conffile is kept without a prompt, the venv is rebuilt and joined again
     with open(root / CONFFILE, "a") as f:

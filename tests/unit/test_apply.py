@@ -17,6 +17,7 @@ from neuronserve.devices import Core, Holder, Host, cpu
 from neuronserve.errors import ServiceError
 from neuronserve.layout import Layout
 from neuronserve.plan import make_plan
+from neuronserve.render import HEADER
 from neuronserve.systemctl import Systemctl
 
 NGINX = "nginx.service"
@@ -128,7 +129,7 @@ def test_first_apply_starts_groups_out_of_nginx_then_admits_them(tmp_path):
     host = FakeHost(layout)
     result = host.applier(plan).run()
 
-    u0, u1 = "neuronserve-tiny-0.service", "neuronserve-tiny-1.service"
+    u0, u1 = "neuronserve@tiny-0.service", "neuronserve@tiny-1.service"
     assert group_calls(host.log) == [
         "systemctl daemon-reload",
         "nginx -t -q", f"systemctl reload {NGINX}",
@@ -143,7 +144,7 @@ def test_first_apply_starts_groups_out_of_nginx_then_admits_them(tmp_path):
     assert down_groups(host.nginx_confs[0]) == ["tiny-0", "tiny-1"]
     assert down_groups(host.nginx_confs[1]) == [] and down_groups(host.nginx_confs[2]) == []
     assert result.started == ["tiny-0", "tiny-1"] and result.rolled == []
-    assert (layout.unit_dir / u0).read_text().count("User=" + plan.config.server.user) == 1
+    assert layout.dropin_path(u0).read_text().count("User=" + plan.config.server.user) == 1
     assert layout.gunicorn_conf("tiny-1").is_file() and layout.unit_path("neuronserve.target").is_file()
 
 
@@ -152,7 +153,7 @@ def test_config_change_rolls_one_group_at_a_time_stop_then_start(tmp_path):
     layout = Layout(tmp_path / "root", plan.config)
     FakeHost(layout).applier(plan).run()
     changed = cpu_plan(tmp_path, extra="max_batch_delay_ms = 5\n")
-    u0, u1 = "neuronserve-tiny-0.service", "neuronserve-tiny-1.service"
+    u0, u1 = "neuronserve@tiny-0.service", "neuronserve@tiny-1.service"
     host = FakeHost(layout, active={u0, u1, "neuronserve.target"})
     result = host.applier(changed).run()
 
@@ -176,19 +177,54 @@ def test_config_change_rolls_one_group_at_a_time_stop_then_start(tmp_path):
         assert host.log.index(f"probe ready {u}", i_start) > i_start
     assert not [c for c in host.log if " restart " in f"{c} " or c.startswith("systemctl reload neuronserve")]
     assert result.rolled == ["tiny-0", "tiny-1"] and result.started == []
-    assert 'NEURONSERVE_MAX_BATCH_DELAY_MS=5.0' in (layout.unit_dir / u0).read_text()
+    assert 'NEURONSERVE_MAX_BATCH_DELAY_MS=5.0' in layout.dropin_path(u0).read_text()
+
+
+def test_groups_under_an_earlier_versions_whole_units_move_onto_their_instances_one_at_a_time(tmp_path):
+    plan = cpu_plan(tmp_path)
+    layout = Layout(tmp_path / "root", plan.config)
+    FakeHost(layout).applier(plan).run()
+    # what an earlier version left: a whole unit per group, running, and no instance drop-ins
+    legacy = {g.legacy_unit: layout.unit_path(g.legacy_unit) for g in plan.groups}
+    for g in plan.groups:
+        legacy[g.legacy_unit].write_text(f"# {HEADER}\n[Service]\nExecStart=/usr/bin/python3 -m gunicorn\n")
+        layout.dropin_path(g.unit).unlink()
+        layout.dropin_path(g.unit).parent.rmdir()
+    l0, l1 = legacy
+    u0, u1 = "neuronserve@tiny-0.service", "neuronserve@tiny-1.service"
+    host = FakeHost(layout, active={l0, l1, "neuronserve.target"})
+    result = host.applier(plan).run()
+
+    assert group_calls(host.log) == [
+        "systemctl daemon-reload",
+        "systemctl enable neuronserve.target",              # not the instances yet: the target would start them
+        "systemctl start neuronserve.target",
+        "nginx -t -q", f"systemctl reload {NGINX}",          # tiny-0 down
+        f"systemctl stop {l0}", f"systemctl enable {u0}", f"systemctl start {u0}",
+        "nginx -t -q", f"systemctl reload {NGINX}",          # tiny-0 back
+        "nginx -t -q", f"systemctl reload {NGINX}",          # tiny-1 down
+        f"systemctl stop {l1}", f"systemctl enable {u1}", f"systemctl start {u1}",
+        "nginx -t -q", f"systemctl reload {NGINX}",          # tiny-1 back
+        f"systemctl stop {l0}", f"systemctl disable {l0}", f"systemctl stop {l1}", f"systemctl disable {l1}",
+        "systemctl daemon-reload",
+        "nginx -t -q", f"systemctl reload {NGINX}",          # final
+    ]
+    assert [down_groups(c) for c in host.nginx_confs] == [["tiny-0"], [], ["tiny-1"], [], []]
+    assert result.rolled == ["tiny-0", "tiny-1"] and result.removed == [l0, l1]
+    assert not any(p.exists() for p in legacy.values()) and layout.gunicorn_conf("tiny-0").is_file()
+    assert host.active >= {u0, u1} and not host.active & {l0, l1}
 
 
 def test_unchanged_config_touches_no_group(tmp_path):
     plan = cpu_plan(tmp_path)
     layout = Layout(tmp_path / "root", plan.config)
     FakeHost(layout).applier(plan).run()
-    host = FakeHost(layout, active={"neuronserve-tiny-0.service", "neuronserve-tiny-1.service"})
+    host = FakeHost(layout, active={"neuronserve@tiny-0.service", "neuronserve@tiny-1.service"})
     result = host.applier(cpu_plan(tmp_path)).run()
     assert not [c for c in host.log if c.startswith(("systemctl stop", "systemctl start neuronserve-"))]
     assert result.changes == [] and result.rolled == []
     # --restart rolls them anyway (after a recompile the files are the same)
-    host = FakeHost(layout, active={"neuronserve-tiny-0.service", "neuronserve-tiny-1.service"})
+    host = FakeHost(layout, active={"neuronserve@tiny-0.service", "neuronserve@tiny-1.service"})
     assert host.applier(cpu_plan(tmp_path)).run(restart_all=True).rolled == ["tiny-0", "tiny-1"]
 
 
@@ -196,8 +232,8 @@ def test_a_group_that_never_gets_ready_fails_with_its_journal_and_stays_drained(
     plan = cpu_plan(tmp_path)
     layout = Layout(tmp_path / "root", plan.config)
     FakeHost(layout).applier(plan).run()
-    u0 = "neuronserve-tiny-0.service"
-    host = FakeHost(layout, active={u0, "neuronserve-tiny-1.service"}, ready_fails={u0})
+    u0 = "neuronserve@tiny-0.service"
+    host = FakeHost(layout, active={u0, "neuronserve@tiny-1.service"}, ready_fails={u0})
     with pytest.raises(ServiceError) as err:
         host.applier(cpu_plan(tmp_path, copies=2)).run()
     assert f"{u0} is failed" in str(err.value) and "the model would not load" in str(err.value)
@@ -210,7 +246,7 @@ def test_groups_removed_from_the_config_are_drained_stopped_disabled_deleted(tmp
     plan = cpu_plan(tmp_path, groups=2)
     layout = Layout(tmp_path / "root", plan.config)
     FakeHost(layout).applier(plan).run()
-    u0, u1 = "neuronserve-tiny-0.service", "neuronserve-tiny-1.service"
+    u0, u1 = "neuronserve@tiny-0.service", "neuronserve@tiny-1.service"
     host = FakeHost(layout, active={u0, u1})
     result = host.applier(cpu_plan(tmp_path, groups=1)).run()
     calls = group_calls(host.log)
@@ -219,7 +255,7 @@ def test_groups_removed_from_the_config_are_drained_stopped_disabled_deleted(tmp
     assert calls[calls.index(f"systemctl stop {u1}"):][:3] == [
         f"systemctl stop {u1}", f"systemctl disable {u1}", "systemctl daemon-reload"]
     assert "tiny-1" not in host.nginx_confs[0]
-    assert not (layout.unit_dir / u1).exists() and not layout.gunicorn_conf("tiny-1").exists()
+    assert not layout.dropin_path(u1).exists() and not layout.gunicorn_conf("tiny-1").exists()
     assert result.removed == [u1] and u0 not in " ".join(c for c in calls if "stop" in c)
 
 
@@ -246,7 +282,7 @@ def test_neuron_roll_waits_for_the_cores_to_be_free_between_stop_and_start(tmp_p
     plan = neuron_plan(tmp_path)
     layout = Layout(tmp_path / "root", plan.config)
     FakeHost(layout).applier(plan, holders=lambda: []).run()
-    u0, u1 = "neuronserve-tiny-0.service", "neuronserve-tiny-1.service"
+    u0, u1 = "neuronserve@tiny-0.service", "neuronserve@tiny-1.service"
     # tiny-0's old worker (device 0) is still exiting at the first neuron-ls after the stop; tiny-1 holds device 1
     old = Holder(pid=500, command="gunicorn: worker [neuronserve-tiny-0]", device=0, cores=(0, 1))
     sibling = Holder(pid=600, command="gunicorn: worker [neuronserve-tiny-1]", device=1, cores=(2, 3))
@@ -256,7 +292,7 @@ def test_neuron_roll_waits_for_the_cores_to_be_free_between_stop_and_start(tmp_p
     i = host.log.index(f"systemctl stop {u0}")
     assert host.log[i + 1:i + 5] == [f"systemctl is-active {u1}", "neuron-ls", "neuron-ls", f"systemctl start {u0}"]
     assert result.rolled == ["tiny-0", "tiny-1"]
-    unit = (layout.unit_dir / u0).read_text()
+    unit = layout.dropin_path(u0).read_text()
     assert "NEURON_RT_VISIBLE_CORES=0-1" in unit and "SupplementaryGroups=neuron" in unit
 
 
@@ -264,10 +300,10 @@ def test_neuron_stale_holder_of_the_groups_cores_stops_the_apply_naming_it(tmp_p
     plan = neuron_plan(tmp_path)
     layout = Layout(tmp_path / "root", plan.config)
     FakeHost(layout).applier(plan, holders=lambda: []).run()
-    u0 = "neuronserve-tiny-0.service"
+    u0 = "neuronserve@tiny-0.service"
     stale = Holder(pid=777, command="python bench.py", device=0, cores=(0, 1))
     monkeypatch.setattr("neuronserve.status.unit_of", lambda pid: None)
-    host = FakeHost(layout, active={u0, "neuronserve-tiny-1.service"}, holders=[[stale]] * 1000)
+    host = FakeHost(layout, active={u0, "neuronserve@tiny-1.service"}, holders=[[stale]] * 1000)
     clock = iter(range(0, 10_000, 1))
     with pytest.raises(ServiceError, match=r"PID 777 \(python bench.py, not started by neuronserve"):
         host.applier(plan, holders=host.holders, clock=lambda: next(clock)).run(restart_all=True)
@@ -323,24 +359,31 @@ def test_cleanup_removes_only_what_neuronserve_wrote(tmp_path):
     other.write_text("[Service]\nExecStart=/usr/bin/postgres\n")
     wants = layout.unit_dir / "neuronserve.target.wants"
     wants.mkdir()
-    (wants / "neuronserve-tiny-9.service").symlink_to(layout.unit_dir / "neuronserve-tiny-9.service")
-    host = FakeHost(layout, active={"neuronserve-tiny-0.service", "neuronserve-tiny-1.service",
+    (wants / "neuronserve@tiny-9.service").symlink_to(layout.unit_dir / "neuronserve@tiny-9.service")
+    host = FakeHost(layout, active={"neuronserve@tiny-0.service", "neuronserve@tiny-1.service",
                                     "neuronserve.target", "postgresql.service"})
     sc = Systemctl(host.runner)
     front = apply.Front(sc, host.runner, workers=host.nginx_workers, sleep=lambda s: None)
 
+    # a sysadmin's change for every group (`systemctl edit neuronserve@.service`)
+    override = layout.unit_dir / "neuronserve@.service.d" / "override.conf"
+    override.parent.mkdir()
+    override.write_text("[Service]\nNice=5\n")
+
     dry = cleanup.cleanup(layout, systemctl=sc, front=front, dry_run=True)
-    assert (layout.unit_dir / "neuronserve-tiny-0.service").exists() and layout.nginx_conf.exists()
+    assert layout.dropin_path("neuronserve@tiny-0.service").exists() and layout.nginx_conf.exists()
     assert any(s.action == "keep" and s.target == str(foreign) for s in dry)
     host.log.clear()
 
     cleanup.cleanup(layout, systemctl=sc, front=front)
-    units = "neuronserve.target neuronserve-tiny-0.service neuronserve-tiny-1.service"
+    units = "neuronserve.target neuronserve@tiny-0.service neuronserve@tiny-1.service"
     assert group_calls(host.log) == [
         "systemctl list-units --all --no-legend --plain --full neuronserve*",
         "nginx -t -q", f"systemctl reload {NGINX}",
         f"systemctl stop {units}", f"systemctl disable {units}",
         "systemctl daemon-reload", f"systemctl reset-failed {units}"]
-    assert sorted(p.name for p in layout.unit_dir.iterdir()) == ["neuronserve-exporter.service", "postgresql.service"]
+    assert sorted(p.name for p in layout.unit_dir.iterdir()) == [
+        "neuronserve-exporter.service", "neuronserve@.service.d", "postgresql.service"]
+    assert override.read_text() == "[Service]\nNice=5\n"
     assert not layout.nginx_conf.exists() and not list(layout.gunicorn_dir.iterdir())
     assert foreign.read_text().startswith("[Service]")

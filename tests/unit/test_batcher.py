@@ -354,7 +354,7 @@ def test_batched_answers_equal_one_by_one(artifact, tokenizer):
             works = await asyncio.gather(*(model.infer(texts[i:i + 3], tokenize=True, options=DEFAULTS,
                                                        deadline=time.monotonic() + 60) for i in range(0, 9, 3)))
         finally:
-            model.close()
+            assert model.stop(10) == []     # every thread joined
         return model, works
 
     model, works = asyncio.run(main())
@@ -397,7 +397,7 @@ def test_client_gone_is_dropped_and_timeout_gets_504_then_the_copy_is_replaced(a
             return gone.value, timed_out.value, after, model
         finally:
             loader.release()
-            model.close()
+            assert model.stop(10) == []     # every thread joined
 
     gone, timed_out, after, model = asyncio.run(main())
     assert gone.status == 499
@@ -429,7 +429,7 @@ def test_buckets_and_copies_share_one_set_of_weights(artifact):
     async def main():
         model = ServedModel(settings_for(artifact, copies=2), load=load)
         await started(model)
-        model.close()
+        assert model.stop(10) == []     # every thread joined
         return model.metrics.render().decode()
 
     metrics = asyncio.run(main())

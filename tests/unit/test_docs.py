@@ -114,7 +114,8 @@ def test_environment_is_what_the_planner_sets(fresh):
 def test_files_exit_status_and_see_also(fresh):
     man = _text(fresh, "neuronserve.1")
     for path in ("/etc/neuronserve/neuronserve.toml", "/etc/neuronserve/conf.d/*.toml", "/etc/neuronserve/templates/",
-                 "/etc/systemd/system/neuronserve-*.service", "/etc/systemd/system/neuronserve.target",
+                 "/usr/lib/systemd/system/neuronserve@.service", "/usr/lib/systemd/system/neuronserve.target",
+                 "/etc/systemd/system/neuronserve@GROUP.service.d/10-neuronserve.conf",
                  "/etc/nginx/conf.d/neuronserve.conf", "/var/lib/neuronserve/models", "/opt/neuronserve"):
         assert path in man[man.index("\nFILES\n"):man.index("\nENVIRONMENT\n")], path
     status = man[man.index("\nEXIT STATUS\n"):man.index("\nEXAMPLES\n")]

@@ -34,7 +34,7 @@ def test_all_cores_one_per_group(tmp_path):
     assert [g.cores for g in plan.groups] == [[0], [1], [2], [3]]
     assert [g.port for g in plan.groups] == [8100, 8101, 8102, 8103]
     g = plan.groups[1]
-    assert g.unit == "neuronserve-emb-1.service" and g.address == "127.0.0.1:8101"
+    assert g.unit == "neuronserve@emb-1.service" and g.address == "127.0.0.1:8101"
     assert g.env["NEURONSERVE_CPUS"] == "1" and g.env["OMP_NUM_THREADS"] == "1"
     # one thread per copy: only a lent batch has OpenMP threads, and they must not spin long on a lent CPU
     assert g.env["GOMP_SPINCOUNT"] == "10000"
@@ -129,6 +129,8 @@ def test_unit_names_map_back_to_their_group(tmp_path):
     plan = make_plan(cfg_from(tmp_path, model("emb-x", copies=1)), host(2), python="py")
     for g in plan.groups:
         assert group_of_unit(g.unit) == g.name
+        assert group_of_unit(g.legacy_unit) == g.name       # an earlier version's whole unit, to migrate
+    assert group_of_unit("neuronserve@.service") is None
     assert group_of_unit("neuronserve.target") is None
     assert group_of_unit("neuronserve-.service") is None
     assert group_of_unit("nginx.service") is None

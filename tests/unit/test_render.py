@@ -81,12 +81,12 @@ def system_root(layout: Layout, python: str) -> None:
     exe.chmod(0o755)
 
 
-def verify(layout: Layout, units: list[Path]) -> subprocess.CompletedProcess:
+def verify(layout: Layout, units: list[Path | str]) -> subprocess.CompletedProcess:
     return subprocess.run([SYSTEMD_ANALYZE, "verify", "--man=no", f"--root={layout.root}", *map(str, units)],
                           capture_output=True, text=True, timeout=60)
 
 
-def exposure(layout: Layout, unit: Path) -> float:
+def exposure(layout: Layout, unit: Path | str) -> float:
     r = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=true", f"--root={layout.root}", str(unit)],
                        capture_output=True, text=True, timeout=60)
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout)
@@ -102,13 +102,14 @@ def test_units_verify_cleanly_and_are_hardened(tmp_path, backend):
     layout = Layout(tmp_path / "root", cfg)
     write_files(render_files(plan, layout))
     system_root(layout, plan.python)
-    units = sorted(layout.unit_dir.glob("neuronserve*"))
-    assert len(units) == len(plan.groups) + 1
+    # no package installed the shipped units in this root: copies in /etc, beside each instance's drop-in
+    assert sorted(p.name for p in layout.unit_dir.iterdir()) == sorted(
+        ["neuronserve.target", "neuronserve@.service", *(g.unit + ".d" for g in plan.groups)])
+    units = [layout.unit_path("neuronserve.target"), *(g.unit for g in plan.groups)]
     r = verify(layout, units)
     assert (r.returncode, r.stderr) == (0, ""), r.stderr
-    for unit in units:
-        if unit.suffix == ".service":
-            assert exposure(layout, unit) <= MAX_EXPOSURE, unit.name
+    for g in plan.groups:
+        assert exposure(layout, g.unit) <= MAX_EXPOSURE, g.unit
 
 
 @needs_systemd
@@ -119,7 +120,7 @@ def test_verify_catches_a_missing_interpreter(tmp_path):
     layout = Layout(tmp_path / "root", cfg)
     write_files(render_files(plan, layout))
     system_root(layout, "/elsewhere/python")
-    r = verify(layout, [layout.unit_path(plan.groups[0].unit)])
+    r = verify(layout, [plan.groups[0].unit])
     assert r.returncode != 0 and "/opt/conda envs/torch %2/bin/python" in r.stderr
 
 
@@ -130,19 +131,25 @@ def test_unit_content_per_backend(tmp_path):
         plan = make_plan(cfg, make_host(), python=PYTHONS[backend])
         layout = Layout(tmp_path / backend, cfg)
         files = render_files(plan, layout)
-        units[backend] = {g.name: files[layout.unit_path(g.unit)] for g in plan.groups}
+        units[backend] = {g.name: files[layout.dropin_path(g.unit)] for g in plan.groups}
         g = plan.groups[1]
         text = units[backend][g.name]
         assert text.startswith(f"# {HEADER}\n")
         assert "\nUser=svc\n" in text and not re.search(r"^Group=", text, re.M)
-        assert "PartOf=neuronserve.target" in text and "WantedBy=neuronserve.target" in text
-        assert "Restart=on-failure" in text and "KillMode=mixed" in text and "TimeoutStopSec=30" in text
-        assert f"SyslogIdentifier=neuronserve-{g.name}" in text and "StandardOutput=journal" in text
+        # the template's ExecStart reset first, then the group's own
+        assert re.search(r"^ExecStart=\nExecStart=\S", text, re.M)
+        assert "TimeoutStopSec=30" in text and "TimeoutStartSec=600" in text and "WatchdogSec=30000ms" in text
         assert f"CPUAffinity={g.settings.cpus}\n" in text
         # every variable of the group's environment, and nothing else
         envs = re.findall(r'^Environment="([^=]+)=(.*)"$', text, re.M)
         assert dict(envs) == plan.env(g, layout)
-        assert "MemoryDenyWriteExecute" not in text.replace("# no MemoryDenyWriteExecute", "")
+    # what every group shares is in the template unit
+    template = files[layout.unit_path("neuronserve@.service")]
+    assert "PartOf=neuronserve.target" in template and "WantedBy=neuronserve.target" in template
+    assert "Before=neuronserve.target" in template and "Type=notify" in template and "NotifyAccess=all" in template
+    assert "Restart=on-failure" in template and "KillMode=mixed" in template
+    assert "SyslogIdentifier=neuronserve-%i" in template and "StandardOutput=journal" in template
+    assert "MemoryDenyWriteExecute" not in template.replace("# no MemoryDenyWriteExecute", "")
     # CPU groups lend each other idle CPUs through lock files in a shared runtime directory; no other backend
     cpu_unit = units["cpu"]["emb-1"]
     assert "\nRuntimeDirectory=neuronserve/cpus\nRuntimeDirectoryPreserve=yes\n" in cpu_unit
@@ -155,7 +162,8 @@ def test_unit_content_per_backend(tmp_path):
     assert cuda_allow == ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia2"]
     for backend in ("cpu", "cuda"):
         assert "SupplementaryGroups" not in units[backend]["emb-0"]
-    assert "PrivateDevices=yes" in units["cpu"]["emb-0"] and "DevicePolicy" not in units["cpu"]["emb-0"]
+    assert "PrivateDevices" not in units["cpu"]["emb-0"] and "DevicePolicy" not in units["cpu"]["emb-0"]
+    assert "PrivateDevices=no" in units["cuda"]["emb-0"] and "DevicePolicy=closed" in units["cuda"]["emb-0"]
     assert "ExecStart=\"/opt/conda envs/torch %%2/bin/python\" -m gunicorn" in units["cuda"]["emb-0"]
 
 
@@ -164,16 +172,17 @@ def test_models_under_home_are_readable(tmp_path):
     cfg.server.model_repository = Path("/home/ml/models")
     plan = make_plan(cfg, HOSTS["cpu"](), python="/usr/bin/python3")
     layout = Layout(tmp_path / "root", cfg)
-    text = render_files(plan, layout)[layout.unit_path(plan.groups[0].unit)]
+    text = render_files(plan, layout)[layout.dropin_path(plan.groups[0].unit)]
     assert "ProtectHome=read-only" in text and "ReadOnlyPaths=-/home/ml/models" in text
     # a venv whose interpreter links into a home directory (pyenv) needs it visible too
     cfg.server.model_repository = Path("/srv/models")
     venv_python = tmp_path / "venv/bin/python"
     venv_python.parent.mkdir(parents=True)
     venv_python.symlink_to("/root/.pyenv/versions/3.11.7/bin/python3.11")
-    for python, protect in [("/usr/bin/python3", "yes"), (str(venv_python), "read-only")]:
+    for python, protect in [("/usr/bin/python3", False), (str(venv_python), True)]:
         plan = make_plan(cfg, HOSTS["cpu"](), python=python)
-        assert f"ProtectHome={protect}\n" in render_files(plan, layout)[layout.unit_path(plan.groups[0].unit)]
+        text = render_files(plan, layout)[layout.dropin_path(plan.groups[0].unit)]
+        assert ("ProtectHome=read-only\n" in text) == protect     # else the template's ProtectHome=yes
 
 
 def test_systemd_quoting():
@@ -344,16 +353,17 @@ def test_override_template_wins(tmp_path):
     plan = make_plan(cfg, HOSTS["cpu"](), python="/usr/bin/python3")
     layout = Layout(tmp_path / "root", cfg)
     layout.template_override_dir.mkdir(parents=True)
-    (layout.template_override_dir / "neuronserve.target.j2").write_text(
-        "# site copy\n[Unit]\nDescription=ours\n{% for g in groups %}Wants={{ g.unit }}\n{% endfor %}")
+    (layout.template_override_dir / "group.conf.j2").write_text(
+        "# site copy\n[Service]\nExecStart=\nExecStart={{ argv | map('systemd_arg') | join(' ') }} --site\n")
     files = render_files(plan, layout)
-    assert files[layout.unit_path("neuronserve.target")].startswith("# site copy\n[Unit]\nDescription=ours\n")
-    assert files[layout.unit_path("neuronserve.target")].count("Wants=") == len(plan.groups)
+    for g in plan.groups:
+        assert files[layout.dropin_path(g.unit)].startswith("# site copy\n[Service]\n")
+        assert files[layout.dropin_path(g.unit)].endswith(" --site\n")
     # the other templates still come from the package
-    assert files[layout.unit_path(plan.groups[0].unit)].startswith(f"# {HEADER}")
+    assert files[layout.gunicorn_conf(plan.groups[0].name)].startswith(f"# {HEADER}")
     # an override naming a variable that does not exist fails loudly, naming the template
-    (layout.template_override_dir / "neuronserve.target.j2").write_text("{{ no_such_thing }}")
-    with pytest.raises(RenderError, match="neuronserve.target.j2"):
+    (layout.template_override_dir / "group.conf.j2").write_text("{{ no_such_thing }}")
+    with pytest.raises(RenderError, match="group.conf.j2"):
         render_files(plan, layout)
 
 
@@ -376,7 +386,7 @@ def test_write_files_rewrites_only_changes(tmp_path):
 
     cfg.models["qa"].copies = 3
     changes = write_files(render_files(make_plan(cfg, HOSTS["cpu"](), python="/usr/bin/python3"), layout))
-    qa_unit = layout.unit_path("neuronserve-qa-0.service")
+    qa_unit = layout.dropin_path("neuronserve@qa-0.service")
     assert [c.path for c in changes] == [qa_unit] and changes[0].action == "update"
     assert '-Environment="NEURONSERVE_COPIES=2"' in changes[0].diff
     assert '+Environment="NEURONSERVE_COPIES=3"' in changes[0].diff
@@ -389,12 +399,15 @@ def test_stale_units(tmp_path):
     layout = Layout(tmp_path / "root", cfg)
     plan = make_plan(cfg, HOSTS["cpu"](), python="/usr/bin/python3")
     write_files(render_files(plan, layout))
-    assert stale_units(layout, plan) == []
-    old = layout.unit_path("neuronserve-gone-0.service")
-    old.write_text("[Service]\n")
+    assert stale_units(layout, plan) == {}
+    # an earlier version's whole unit of a group (written by neuronserve), and one of someone else's
+    legacy = layout.unit_path("neuronserve-emb-0.service")
+    legacy.write_text(f"# {HEADER}\n[Service]\n")
+    layout.unit_path("neuronserve-exporter.service").write_text("[Service]\n")
     del cfg.models["qa"]
     smaller = make_plan(cfg, HOSTS["cpu"](), python="/usr/bin/python3")
-    assert stale_units(layout, smaller) == sorted([old, layout.unit_path("neuronserve-qa-0.service")])
+    assert stale_units(layout, smaller) == {"neuronserve-emb-0.service": [legacy],
+                                            "neuronserve@qa-0.service": [layout.dropin_path("neuronserve@qa-0.service")]}
 
 
 def test_cli_render(tmp_path):
@@ -408,7 +421,7 @@ def test_cli_render(tmp_path):
     args = ["render", "--config", str(cfg_path), "--root", str(root)]
     preview = CliRunner().invoke(main, args + ["--dry-run"])
     assert preview.exit_code == 0, preview.output
-    assert "+++ " + str(root / "etc/systemd/system/neuronserve.target") in preview.output
+    assert "+++ " + str(root / "etc/systemd/system/neuronserve@emb-0.service.d/10-neuronserve.conf") in preview.output
     assert re.search(r"would change \d+ file\(s\)", preview.output) and not root.exists()
     first = CliRunner().invoke(main, args)
     assert first.exit_code == 0 and (root / "etc/nginx/conf.d/neuronserve.conf").is_file()

@@ -8,7 +8,7 @@ from neuronserve.devices import Core, Holder, Host
 from neuronserve.plan import make_plan
 from neuronserve.systemctl import Systemctl
 
-U0, U1 = "neuronserve-tiny-0.service", "neuronserve-tiny-1.service"
+U0, U1 = "neuronserve@tiny-0.service", "neuronserve@tiny-1.service"
 
 
 def metrics(n_ok: int, n_503: int = 0) -> str:
@@ -96,9 +96,9 @@ def test_holders_inside_their_groups_unit_are_fine_and_the_others_are_stale(tmp_
 def test_unit_of_reads_the_service_from_the_cgroup_path(tmp_path):
     (tmp_path / "7").mkdir()
     (tmp_path / "7" / "cgroup").write_text(
-        "9:name=systemd:/system.slice/neuronserve-tiny-0.service\n0::/system.slice/neuronserve-tiny-0.service\n")
+        "9:name=systemd:/system.slice/system-neuronserve.slice/neuronserve@tiny-0.service\n0::/system.slice/system-neuronserve.slice/neuronserve@tiny-0.service\n")
     (tmp_path / "8").mkdir()
     (tmp_path / "8" / "cgroup").write_text("0::/user.slice/user-0.slice/session-1.scope\n")
-    assert status.unit_of(7, proc=tmp_path) == "neuronserve-tiny-0.service"
+    assert status.unit_of(7, proc=tmp_path) == "neuronserve@tiny-0.service"
     assert status.unit_of(8, proc=tmp_path) is None
     assert status.unit_of(9, proc=tmp_path) is None
