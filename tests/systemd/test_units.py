@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.systemd, pytest.mark.slow]
 LOAD = Path(__file__).parent / "load.py"
 CONFIG = "/etc/neuronserve/neuronserve.toml"
 REPO = "/var/lib/neuronserve/models"
-UNITS = ["neuronserve-tiny-0.service", "neuronserve-tiny-1.service"]
+UNITS = ["neuronserve@tiny-0.service", "neuronserve@tiny-1.service"]
 PORTS = [8100, 8101]
 GRPC_PORTS = [9100, 9101]
 # tritonclient.grpc, unchanged, in the container against the front's gRPC listener (nginx.grpc_listen's default)
@@ -35,9 +35,19 @@ text.set_data_from_numpy(np.array([b"a short sentence to classify"], dtype=objec
 result = client.infer("tiny", [text])
 print(json.dumps({"ready": client.is_model_ready("tiny"), "answer": json.loads(result.as_numpy("answer")[0])}))
 """
+# a warm-up answer the model will not give: the manifest's expected numbers shifted
+WRONG_WARMUP = """
+import sys, numpy as np
+from pathlib import Path
+from neuronserve.artifact import read_manifest, write_manifest
+d = Path(sys.argv[1]); m = read_manifest(d)
+m.warmup.expected = {k: (np.asarray(v) + 0.5).tolist() for k, v in m.warmup.expected.items()}
+write_manifest(d, m)
+"""
 FRONT = "http://127.0.0.1:8080/models/tiny"
 BODY = json.dumps({"inputs": "a short sentence to classify"})
 FIGURES: dict = {}
+WATCHDOG_S = 10
 
 
 def config_text(delay_ms: float) -> str:
@@ -46,6 +56,8 @@ def config_text(delay_ms: float) -> str:
 backend = "cpu"
 model_repository = "{REPO}"
 graceful_timeout_s = 10
+# short, so that the hung-loop test is quick; the worker pings every third of it
+watchdog_s = {WATCHDOG_S}
 [nginx]
 listen = "127.0.0.1:8080"
 [models.tiny]
@@ -140,8 +152,9 @@ def test_apply_starts_the_target_and_groups_as_the_neuronserve_user(box):
     t0 = time.monotonic()
     r = neuronserve(box, "apply")
     FIGURES["first_apply_s"] = round(time.monotonic() - t0, 1)
-    # two units, two gunicorn configs, the target, the front, and its njs script where njs is installed
-    files = 6 + (render.njs_module() is not None)
+    # two instance drop-ins, two gunicorn configs, the template unit and the target (no package installed them
+    # here), the front, and its njs script where njs is installed
+    files = 7 + (render.njs_module() is not None)
     assert f"applied: {files} file(s) changed; started 2" in r.stdout, r.stdout
     assert box.run(["systemctl", "is-enabled", "neuronserve.target"]).stdout.strip() == "enabled"
     assert box.run(["systemctl", "is-active", "neuronserve.target", *UNITS]).stdout.split() == ["active"] * 3
@@ -165,7 +178,7 @@ def test_apply_starts_the_target_and_groups_as_the_neuronserve_user(box):
 
 def test_group_units_rate_2_or_better_in_systemd_analyze_security(box):
     for unit in UNITS:
-        r = box.run(["systemd-analyze", "security", "--offline=true", f"/etc/systemd/system/{unit}"], check=False)
+        r = box.run(["systemd-analyze", "security", unit], check=False)
         m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout + r.stderr)
         assert m, r.stdout[-2000:] + r.stderr[-2000:]
         FIGURES[f"exposure {unit}"] = float(m.group(1))
@@ -207,6 +220,81 @@ def test_the_dialects_through_the_hosts_nginx(box):
     assert grpc["ready"] is True
     assert [grpc["answer"]] == post("/models/tiny", {"inputs": ["a short sentence to classify"],
                                                      "parameters": {"top_k": None}})
+
+
+def test_starting_the_target_returns_once_every_group_serves(box):
+    """Type=notify: `systemctl start` waits for READY=1, which the worker sends after the warm-up."""
+    box.run(["systemctl", "stop", "neuronserve.target", *UNITS])    # the target's stop does not wait for them
+    assert box.run(["systemctl", "is-active", *UNITS], check=False).stdout.split() == ["inactive"] * 2
+    ports = " ".join(map(str, PORTS))
+    script = f"""
+t0=$(date +%s.%N)
+( until curl -sf -o /dev/null --max-time 1 http://127.0.0.1:{PORTS[0]}/v2/health/ready; do sleep 0.05; done
+  date +%s.%N > /run/first-ready ) &
+systemctl start neuronserve.target
+t1=$(date +%s.%N)
+codes=$(for p in {ports}; do curl -s -o /dev/null -w '%{{http_code}} ' http://127.0.0.1:$p/v2/health/ready; done)
+wait
+echo "$t0 $t1 $(cat /run/first-ready) $codes"
+"""
+    t0, returned, first, *codes = box.sh(script, timeout=300).stdout.split()
+    # the moment start returns, every group answers ready
+    assert codes == ["200", "200"], codes
+    FIGURES["target_start"] = {"start_to_return_s": round(float(returned) - float(t0), 2),
+                               "start_to_first_group_ready_s": round(float(first) - float(t0), 2)}
+    for unit in UNITS:
+        assert prop(box, unit, "StatusText").startswith("ready: 1 of 1 copies warm, "), prop(box, unit, "StatusText")
+        assert prop(box, unit, "Type") == "notify" and prop(box, unit, "WatchdogUSec") == f"{WATCHDOG_S}s"
+
+
+def test_a_hung_event_loop_is_restarted_by_the_watchdog(box):
+    main, restarts = prop(box, UNITS[0], "MainPID"), int(prop(box, UNITS[0], "NRestarts"))
+    worker = worker_pid(box, UNITS[0])
+    assert worker
+    t0 = time.monotonic()
+    box.run(["kill", "-STOP", str(worker)])     # the worker's event loop stops turning (its threads too)
+    wait_until(lambda: int(prop(box, UNITS[0], "NRestarts")) == restarts + 1, WATCHDOG_S + 60,
+               "systemd's watchdog to restart tiny-0")
+    wait_until(lambda: ready(box, PORTS[0]), 120, "tiny-0 ready again")
+    FIGURES["watchdog"] = {"watchdog_s": WATCHDOG_S, "stopped_to_ready_again_s": round(time.monotonic() - t0, 1)}
+    assert prop(box, UNITS[0], "MainPID") != main
+    journal = box.run(["journalctl", "-u", UNITS[0], "--no-pager", "-o", "cat", "-n", "200"]).stdout
+    assert "Watchdog timeout" in journal, journal[-3000:]
+
+
+def test_a_wrong_warm_up_answer_fails_the_start_with_its_reason(box):
+    manifest = f"{REPO}/tiny/manifest.json"
+    box.run(["cp", "-p", manifest, "/root/manifest.json.good"])
+    box.run([box.python, "-c", WRONG_WARMUP, f"{REPO}/tiny"])
+    try:
+        r = box.run(["systemctl", "restart", UNITS[0]], check=False, timeout=300)
+        assert r.returncode != 0 and UNITS[0] in r.stderr, r.stderr
+        status = box.run(["systemctl", "status", UNITS[0], "--no-pager", "-l", "-n", "30"], check=False).stdout
+        assert "copy 0: warm-up gave a wrong answer" in status, status
+        assert prop(box, UNITS[0], "ActiveState") == "failed" and prop(box, UNITS[0], "ExecMainStatus") == "3"
+    finally:
+        box.run(["cp", "-p", "/root/manifest.json.good", manifest])
+    box.run(["systemctl", "reset-failed", UNITS[0]])
+    box.run(["systemctl", "start", UNITS[0]], timeout=300)
+    assert ready(box, PORTS[0])
+
+
+def test_an_edit_of_the_template_unit_reaches_every_group_and_survives_apply(box):
+    override = "/etc/systemd/system/neuronserve@.service.d/override.conf"
+    box.run(["mkdir", "-p", override.rsplit("/", 1)[0]])
+    box.write(override, "[Service]\nEnvironment=SITE_MARK=every-group\n")     # what `systemctl edit` writes
+    box.run(["systemctl", "daemon-reload"])
+    try:
+        r = neuronserve(box, "apply")
+        assert "applied: 0 file(s) changed; started 0, rolled 0, removed 0" in r.stdout, r.stdout
+        assert box.run(["cat", override]).stdout == "[Service]\nEnvironment=SITE_MARK=every-group\n"
+        for unit in UNITS:
+            assert "SITE_MARK=every-group" in prop(box, unit, "Environment")
+            # the group's own drop-in still applies beneath it
+            assert f"NEURONSERVE_GROUP={unit[12:-8]}" in prop(box, unit, "Environment")
+    finally:
+        box.run(["rm", "-r", override.rsplit("/", 1)[0]])
+        box.run(["systemctl", "daemon-reload"])
 
 
 def requests_served(box, port: int) -> float:
