@@ -1,3 +1,3 @@
 """neuronserve: serve Hugging Face models on every NeuronCore, GPU or CPU core of a host, without docker."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

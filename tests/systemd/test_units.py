@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from neuronserve import render
+from systemd_kit import Load, nginx_says, prop, ready, wait_until, worker_pid
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow]
 
-LOAD = Path(__file__).parent / "load.py"
 CONFIG = "/etc/neuronserve/neuronserve.toml"
 REPO = "/var/lib/neuronserve/models"
 UNITS = ["neuronserve@tiny-0.service", "neuronserve@tiny-1.service"]
@@ -44,8 +41,6 @@ d = Path(sys.argv[1]); m = read_manifest(d)
 m.warmup.expected = {k: (np.asarray(v) + 0.5).tolist() for k, v in m.warmup.expected.items()}
 write_manifest(d, m)
 """
-FRONT = "http://127.0.0.1:8080/models/tiny"
-BODY = json.dumps({"inputs": "a short sentence to classify"})
 FIGURES: dict = {}
 WATCHDOG_S = 10
 
@@ -99,53 +94,6 @@ def box(container, tiny_model_dir, tmp_path_factory):
 
 def neuronserve(box, *args, timeout=400, check=True):
     return box.run([box.python, "-m", "neuronserve", *args, "--config", CONFIG], timeout=timeout, check=check)
-
-
-def prop(box, unit: str, name: str) -> str:
-    return box.run(["systemctl", "show", unit, f"--property={name}", "--value"]).stdout.strip()
-
-
-def worker_pid(box, unit: str) -> int | None:
-    """The gunicorn worker: the one child of the unit's main process (None while there is not exactly one)."""
-    main = prop(box, unit, "MainPID")
-    kids = box.run(["pgrep", "-P", main], check=False).stdout.split()
-    return int(kids[0]) if len(kids) == 1 else None
-
-
-def ready(box, port: int) -> bool:
-    r = box.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2",
-                 f"http://127.0.0.1:{port}/v2/health/ready"], check=False)
-    return r.stdout.strip() == "200"
-
-
-def nginx_says(box) -> str:
-    """The front's last error and access log lines, for a failed assertion's message."""
-    return box.sh("tail -n 15 /var/log/nginx/error.log; tail -n 15 /var/log/nginx/neuronserve.access.log",
-                  check=False).stdout
-
-
-def wait_until(fn, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-class Load:
-    """tests/systemd/load.py in the container's network namespace, through nginx."""
-
-    def __init__(self, box, concurrency: int, max_s: float = 240):
-        self.stop_file = box.state / f"stop-{time.monotonic_ns()}"
-        self.proc = box.popen_in_netns([sys.executable, str(LOAD), FRONT, BODY, str(concurrency),
-                                        str(self.stop_file), str(max_s)], stdout=subprocess.PIPE, text=True)
-
-    def finish(self) -> dict:
-        self.stop_file.touch()
-        out, _ = self.proc.communicate(timeout=120)
-        return json.loads(out)
 
 
 def test_apply_starts_the_target_and_groups_as_the_neuronserve_user(box):
