@@ -125,13 +125,6 @@ def check_user(user: str) -> None:
                            f"/usr/sbin/nologin {user}`") from None
 
 
-def neuron_holders() -> list[Holder]:
-    """Processes holding NeuronCores now (neuron-ls)."""
-    from neuronserve.devices import discover_host
-
-    return discover_host("neuron").holders
-
-
 class Applier:
     def __init__(self, plan: Plan, layout: Layout, *, systemctl: Systemctl | None = None, front: Front | None = None,
                  probe: Probe | None = None, holders: Callable[[], list[Holder]] | None = None,
@@ -142,7 +135,9 @@ class Applier:
         self.front = front or Front(self.systemctl, timeout_s=self.cfg.server.graceful_timeout_s + 10)
         self.probe = probe or Probe()
         if holders is None and plan.host.backend == "neuron":
-            holders = neuron_holders
+            from neuronserve.context import discover
+
+            holders = lambda: discover(self.cfg, "neuron").holders    # noqa: E731  processes holding cores now
         self.holders = holders
         self.log, self.ready_timeout_s, self.sleep, self.clock = log, ready_timeout_s, sleep, clock
         self.result = Result()

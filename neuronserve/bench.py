@@ -27,6 +27,7 @@ from typing import Iterable
 
 from neuronserve import loadgen, scrape
 from neuronserve.errors import NeuronserveError
+from neuronserve.probe import wait_ready
 from neuronserve.stats import summarize
 
 # What one request carries, per task: a typical BERT-length text (the server pads it to a sequence bucket).
@@ -305,23 +306,6 @@ def parse_shapes(spec: str) -> list[tuple[int, int]]:
     return out
 
 
-def wait_ready(metrics: dict[str, str], timeout_s: float) -> None:
-    """Until every group's neuronserve_ready is 1 (after its known-answer warm-up), or BenchError."""
-    deadline = time.monotonic() + timeout_s
-    pending = dict(metrics)
-    while pending:
-        for g, url in list(pending.items()):
-            try:
-                if scrape.parse(scrape.fetch_text(url, 2.0)).ready == 1:
-                    del pending[g]
-            except (OSError, ValueError):
-                pass
-        if pending and time.monotonic() > deadline:
-            raise BenchError(f"group(s) {', '.join(pending)} not ready after {timeout_s:g}s")
-        if pending:
-            time.sleep(0.5)
-
-
 def group_urls(plan, model: str) -> dict[str, str]:
     """group -> its own base URL (http://127.0.0.1:<port>), for the groups serving `model`."""
     return {g.name: f"http://{g.address}" for g in plan.groups if g.model == model}
@@ -352,7 +336,7 @@ def sweep(cfg, host, model: str | None, shapes: list[tuple[int, int]], loads: li
         if echo:
             echo(f"# {groups} group(s) x {copies} copies: starting ({via})")
         # absolute: nginx resolves the rendered paths against its own prefix
-        shape = _Shape(plan, via, (workdir / f"{groups}x{copies}").resolve(), ready_timeout_s, metrics, config_path,
+        shape = _Shape(plan, via, (workdir / f"{groups}x{copies}").resolve(), ready_timeout_s, config_path,
                        model)
         with shape as front:
             bases = list(groups_at.values()) if direct else [front]
@@ -371,14 +355,13 @@ class _Shape:
 
     DROPIN = "zz-neuronserve-bench.toml"
 
-    def __init__(self, plan, via: str, root: Path, ready_timeout_s: float, metrics: dict[str, str],
-                 config_path: Path | None, model: str):
+    def __init__(self, plan, via: str, root: Path, ready_timeout_s: float, config_path: Path | None, model: str):
         if via not in ("up", "apply"):
             raise BenchError(f"unknown --via {via!r}: up or apply")
         if via == "apply" and config_path is None:
             raise BenchError("--via apply needs the config file path")
         self.plan, self.via, self.root, self.ready_timeout_s = plan, via, root, ready_timeout_s
-        self.metrics, self.config_path, self.model = metrics, config_path, model
+        self.config_path, self.model = config_path, model
         self.stack = None
         self.dropin: Path | None = None
 
@@ -400,7 +383,9 @@ class _Shape:
                 self.dropin.write_text(f"# written by `neuronserve bench --sweep`; removed when it ends\n"
                                        f"[models.{self.model}]\ngroups = {m.groups}\ncopies = {m.copies}\n")
                 self._apply()
-                wait_ready(self.metrics, self.ready_timeout_s)
+                pending = wait_ready(group_urls(self.plan, self.model), self.ready_timeout_s)
+                if pending:
+                    raise BenchError(f"group(s) {', '.join(pending)} not ready after {self.ready_timeout_s:g}s")
         except BaseException:
             self.__exit__()
             raise

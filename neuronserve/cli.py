@@ -52,11 +52,9 @@ def load_config(config_path: Path | None, backend: str | None = None):
 
 
 def load_plan(config_path: Path | None, backend: str | None = None):
-    from neuronserve.devices import discover_host
-    from neuronserve.plan import make_plan
+    from neuronserve.context import HostContext
 
-    cfg = load_config(config_path, backend)
-    return make_plan(cfg, discover_host(cfg.server.backend, neuron={"tools_dir": cfg.neuron.tools_dir}))
+    return HostContext(load_config(config_path, backend)).plan
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -273,26 +271,24 @@ def bench_cmd(config_path, backend, model, concurrency, rate, duration, count, m
     """
     from neuronserve import bench
     from neuronserve.config import DEFAULT_PATH
-    from neuronserve.devices import discover_host
-    from neuronserve.plan import make_plan
+    from neuronserve.context import HostContext
     from neuronserve.up import front_url_for
 
-    cfg = load_config(config_path, backend)
+    ctx = HostContext(load_config(config_path, backend))
+    cfg = ctx.config
     model = bench.pick_model(cfg, model)
     loads = bench.loads_from(concurrency, rate)
     opts = bench.Options(duration_s=duration if duration or count else 10.0, count=count, ramp_s=ramp,
                          timeout_s=timeout, max_duration_s=max_duration, connections=connections)
     body = payload.read_bytes() if payload else None
-    host = discover_host(cfg.server.backend)
     if shapes:
         if url:
             raise bench.BenchError("--sweep brings its own stack up: leave out --url")
-        rows = bench.sweep(cfg, host, model, bench.parse_shapes(shapes), loads, opts, workdir=out / "stacks",
+        rows = bench.sweep(cfg, ctx.host, model, bench.parse_shapes(shapes), loads, opts, workdir=out / "stacks",
                            via=via, direct=direct, ready_timeout_s=ready_timeout, protocol=protocol,
                            payload=body, config_path=config_path or DEFAULT_PATH, echo=click.echo)
     else:
-        plan = make_plan(cfg, host)
-        groups = bench.group_urls(plan, model)
+        groups = bench.group_urls(ctx.plan, model)
         bases = [url] if url else (list(groups.values()) if direct else [front_url_for(cfg.nginx.listen)])
         path, data = bench.request_body(cfg.models[model].task, model, protocol, body)
         rows = bench.run_levels(bench.targets_for(bases, path, data), loads, opts, bench.metrics_of(groups),
@@ -385,12 +381,12 @@ def compile_cmd(config_path, backend, models, source, task, name, out, batch_siz
     if source is None:
         if task or out or name or target or compiler_args:
             raise click.UsageError("--task, --name, --out, --target and --compiler-args go with --source")
-        cfg = load_config(config_path, backend)
-        from neuronserve.devices import discover_host
+        from neuronserve.context import discover
 
+        cfg = load_config(config_path, backend)
         display, progress = compiler.console_progress(sys.stderr.isatty())
         with display:
-            done = compiler.compile_config(cfg, discover_host(cfg.server.backend), models, progress=progress)
+            done = compiler.compile_config(cfg, discover(cfg), models, progress=progress)
         for model_name, m in done:
             click.echo(_compiled_line(cfg.server.model_repository / model_name, m))
         return
@@ -405,10 +401,10 @@ def compile_cmd(config_path, backend, models, source, task, name, out, batch_siz
         cfg.server.backend = backend
     backend = cfg.server.backend
     if backend == "auto":
-        from neuronserve.devices import discover_host
+        from neuronserve.context import discover
 
-        backend = discover_host("auto").backend
-    target = target or compiler.default_target(backend)
+        backend = discover(cfg).backend
+    target = target or compiler.default_target(backend, cfg)
     name = name or (out.name if out else source.name)
     out = out or cfg.server.model_repository / name
     if compiler_args is not None:
@@ -460,10 +456,10 @@ def apply_cmd(config_path, backend, dry_run, restart_all, ready_timeout):
     a config change under load loses no request.
     """
     from neuronserve import apply
-    from neuronserve.layout import Layout
+    from neuronserve.context import HostContext
 
-    plan = load_plan(config_path, backend)
-    layout = Layout(Path("/"), plan.config)
+    ctx = HostContext(load_config(config_path, backend))
+    plan, layout = ctx.plan, ctx.layout
     if dry_run:
         p = apply.preview(plan, layout, restart_all=restart_all)
         for c in p.changes:
@@ -513,11 +509,11 @@ def cleanup_cmd(config_path, dry_run):
     the neuronserve user stay. Without a config file, the default paths are cleaned.
     """
     from neuronserve import cleanup, config
-    from neuronserve.layout import Layout
+    from neuronserve.context import HostContext
 
     path = config_path or config.DEFAULT_PATH
-    cfg = load_config(config_path) if path.exists() else config.Config()
-    cleanup.cleanup(Layout(Path("/"), cfg), dry_run=dry_run, log=lambda step: click.echo(str(step)))
+    ctx = HostContext(load_config(config_path) if path.exists() else config.Config())
+    cleanup.cleanup(ctx.layout, dry_run=dry_run, log=lambda step: click.echo(str(step)))
 
 
 
@@ -545,10 +541,10 @@ def render_cmd(config_path, backend, root, dry_run):
     started or reloaded: `neuronserve apply` does that.
     """
     from neuronserve import render
-    from neuronserve.layout import Layout
+    from neuronserve.context import HostContext
 
-    plan = load_plan(config_path, backend)
-    layout = Layout(root.resolve(), plan.config)
+    ctx = HostContext(load_config(config_path, backend), root.resolve())
+    plan, layout = ctx.plan, ctx.layout
     changes = render.write_files(render.render_files(plan, layout), dry_run=dry_run)
     for c in changes:
         click.echo(c.diff, nl=False)
@@ -556,7 +552,7 @@ def render_cmd(config_path, backend, root, dry_run):
     click.echo(f"{verb} {len(changes)} file(s)" + (f" under {root}" if root != Path("/") else ""))
     stale = render.stale_units(layout, plan)
     if stale:
-        click.echo("no longer planned (`neuronserve apply` removes them): " + ", ".join(p.name for p in stale))
+        click.echo("no longer planned (`neuronserve apply` removes them): " + ", ".join(stale))
 
 
 @main.command("up")
@@ -580,13 +576,13 @@ def up_cmd(config_path, backend, root, ready_timeout):
     import tempfile
 
     from neuronserve import up
-    from neuronserve.layout import Layout
+    from neuronserve.context import HostContext
 
-    plan = load_plan(config_path, backend)
     scratch = root or Path(tempfile.mkdtemp(prefix="neuronserve-up-"))
+    ctx = HostContext(load_config(config_path, backend), scratch.resolve())
     keep = root is not None
     try:
-        up.run(plan, Layout(scratch.resolve(), plan.config), ready_timeout=ready_timeout, out=click.echo)
+        up.run(ctx.plan, ctx.layout, ready_timeout=ready_timeout, out=click.echo)
     except NeuronserveError:
         if not keep and any(scratch.rglob("*.log")):    # a group failed: its full log is worth keeping
             click.echo(f"logs kept in {scratch}", err=True)

@@ -197,14 +197,14 @@ def compile_config(cfg, host, models: Sequence[str] | None = None, progress: Cal
     return done
 
 
-def default_target(backend: str) -> str:
+def default_target(backend: str, cfg) -> str:
     """The target a backend compiles for when none is given: cpu/cuda, or this host's Neuron generation."""
     if backend != "neuron":
         return backend
-    from neuronserve.devices import discover_host
+    from neuronserve.context import discover
 
     try:
-        return discover_host("neuron").kind
+        return discover(cfg, "neuron").kind
     except DeviceError as e:
         raise ConfigError(f"no Neuron device here to take the target from ({e}); pass --target inf2 "
                           "(or inf1, trn1, trn2) to compile for another host") from None

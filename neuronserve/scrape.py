@@ -8,7 +8,6 @@ Counters only mean something as a difference between two scrapes: `rates(before,
 """
 from __future__ import annotations
 
-import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -113,9 +112,3 @@ def rates(before: Counters, after: Counters, dt: float) -> Rates:
     return Rates(rps=done / dt, errors_ps=errors / dt, p99_s=histogram_quantile(0.99, buckets),
                  queue_depth=after.queue_depth, batch_fill=fill,
                  busy=None if busy is None else min(max(busy, 0.0), 1.0), ready=after.ready, padding=padding)
-
-
-def fetch_text(url: str, timeout_s: float = 1.0) -> str:
-    """GET a /metrics page (blocking; `top` calls it once a period per group)."""
-    with urllib.request.urlopen(url, timeout=timeout_s) as r:
-        return r.read().decode("utf-8", "replace")

@@ -18,6 +18,7 @@ from rich.text import Text
 from neuronserve import scrape
 from neuronserve.config import format_core_list
 from neuronserve.monitor import CoreSample, DeviceSample
+from neuronserve.probe import Probe
 
 GIB = 1 << 30
 
@@ -54,9 +55,9 @@ class Top:
     """Takes snapshots; keeps the previous scrape of each group to turn counters into rates."""
 
     def __init__(self, sampler, groups: list[Watched], backend: str,
-                 fetch: Callable[[str], str] = scrape.fetch_text, clock: Callable[[], float] = time.monotonic):
+                 fetch: Callable[[str], str] | None = None, clock: Callable[[], float] = time.monotonic):
         self.sampler, self.groups, self.backend = sampler, groups, backend
-        self.fetch, self.clock = fetch, clock
+        self.fetch, self.clock = fetch or Probe(timeout_s=1.0).text, clock
         self.prev: dict[str, tuple[float, scrape.Counters]] = {}
 
     def snapshot(self) -> Snapshot:

@@ -17,14 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, IO
 
-import httpx
-
 from neuronserve.errors import ServiceError
 from neuronserve.layout import Layout
 from neuronserve.plan import Plan, loopback
+from neuronserve.probe import wait_ready
 from neuronserve.render import front_access_log, njs_module, render_files, template_env, write_files
 
-READY_PATH = "/v2/health/ready"
 # what a systemd service also gets from outside its unit; everything else comes from the group's env
 PASS_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
 LOG_TAIL_LINES = 30
@@ -233,28 +231,17 @@ class Stack:
 
         Raises ServiceError, with the log tail of the culprit, when a process exits or time runs out.
         """
-        deadline = time.monotonic() + timeout
-        pending = dict(self.group_urls)
+        def check() -> None:
+            for name, rc in self.exited():
+                raise self._died(name, rc, "before it was ready")
+
+        urls = dict(self.group_urls)
         if self.nginx:
-            pending["nginx"] = self.front_url
-        with httpx.Client(timeout=5.0, trust_env=False) as client:
-            while pending:
-                for name, rc in self.exited():
-                    raise self._died(name, rc, "before it was ready")
-                for name in [n for n in pending if n != "nginx" or len(pending) == 1]:
-                    try:
-                        ok = client.get(pending[name] + READY_PATH).status_code == 200
-                    except httpx.HTTPError:
-                        ok = False
-                    if ok:
-                        del pending[name]
-                        if progress:
-                            progress(f"{name} ready")
-                if pending and time.monotonic() > deadline:
-                    tails = "\n".join(f"--- {n}: {self.log_path(n)}\n{_tail(self.log_path(n), 10)}" for n in pending)
-                    raise ServiceError(f"not ready after {timeout:g} s: {', '.join(pending)}\n{tails}")
-                if pending:
-                    time.sleep(0.25)
+            urls["nginx"] = self.front_url
+        pending = wait_ready(urls, timeout, check=check, progress=progress, last="nginx")
+        if pending:
+            tails = "\n".join(f"--- {n}: {self.log_path(n)}\n{_tail(self.log_path(n), 10)}" for n in pending)
+            raise ServiceError(f"not ready after {timeout:g} s: {', '.join(pending)}\n{tails}")
 
     def stop(self) -> None:
         """SIGTERM every process (gunicorn and nginx both stop gracefully on it), SIGKILL what is left."""

@@ -217,4 +217,4 @@ def test_cli_up_serves_until_interrupted(stack_factory, tmp_path):
     finally:
         stop_cli(proc)
     # the up root kept the rendered files it ran from
-    assert (root / "etc/systemd/system/neuronserve-emb-0.service").is_file()
+    assert (root / "etc/systemd/system/neuronserve@emb-0.service.d/10-neuronserve.conf").is_file()

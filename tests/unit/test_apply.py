@@ -239,7 +239,7 @@ def test_a_group_that_never_gets_ready_fails_with_its_journal_and_stays_drained(
     assert f"{u0} is failed" in str(err.value) and "the model would not load" in str(err.value)
     assert f"journalctl --unit {u0} --lines 30 --no-pager --output cat" in host.log
     assert down_groups(layout.nginx_conf.read_text()) == ["tiny-0"]
-    assert "systemctl stop neuronserve-tiny-1.service" not in host.log
+    assert "systemctl stop neuronserve@tiny-1.service" not in host.log
 
 
 def test_groups_removed_from_the_config_are_drained_stopped_disabled_deleted(tmp_path):

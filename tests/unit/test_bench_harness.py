@@ -350,7 +350,9 @@ def test_the_ceiling_reference_stays_loaded_and_measures_again(compiled_tiny):
     # one group: a lone caller on every CPU, its calls' times (the latency beside a concurrency-1 level)
     with Reference(compiled_tiny, PAYLOAD, 1, [cpus]) as lone:
         times = lone.call_times(0.2)
-        assert len(times) >= 3 and sum(times) <= 0.2 + max(times) and 0 < min(times)
+        # calls until 0.2 s are spent, and at least 3 (a busy machine may need more time for those)
+        assert len(times) >= 3 and 0 < min(times)
+        assert len(times) == 3 or sum(times) <= 0.2 + max(times), times
         if len(cpus) > 1:
             with pytest.raises(ValueError, match="one group"):
                 ref.call_times(0.1)
