@@ -1,6 +1,7 @@
 # The two set-up commands (README): `make demo` and `make test`. Both install what is missing first.
 #   make demo      compile the demo models for the CPU, serve 2 core groups behind nginx, benchmark, stop
-#   make test      the whole test suite, end-to-end, systemd and packaging tests included
+#   make test      the whole test suite, end-to-end, systemd and packaging tests included, and the unit tests
+#                  again with every declared dependency at its floor (make mindeps, in .venv-min)
 #   make packages  build dist/neuronserve_<ver>_<arch>.deb and dist/neuronserve-<ver>.<arch>.rpm
 #   make bench     side-by-side performance run (in-process ceiling, neuronserve, baseline server; each route)
 #   make docs      regenerate docs/neuronserve.1, neuronserve.toml.5, cli.md, configuration.md from the code
@@ -19,12 +20,18 @@ PYTEST_ARGS ?=
 # `make bench` compares the serving CPU per request with this commit's, side by side (bench/versus.py): the
 # round's starting point
 BENCH_BEFORE ?= 6870ceb
+# `make mindeps`: a second venv with each dependency setup.cfg declares pinned at its floor (tests/min_deps.py)
+MIN_VENV  := .venv-min
+MIN_STAMP := $(MIN_VENV)/.neuronserve-installed
+# test_grpc's comparison with tritonclient's and kserve's gRPC stubs: they need a newer grpcio and protobuf than
+# the floors, so the min venv has neither
+MIN_DESELECT := --deselect tests/unit/test_grpc.py::test_the_messages_are_the_clients_wire
 
-.PHONY: demo test unit packages bench docs sysdeps clean
+.PHONY: demo test unit mindeps packages bench docs sysdeps clean
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '1,7p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,8p' Makefile | sed 's/^# \{0,1\}//'
 
 sysdeps:
 	@missing=""; for pair in $(DEB_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
@@ -48,11 +55,24 @@ venv: $(STAMP)
 demo: sysdeps $(STAMP)
 	$(BIN)/python -m neuronserve.demo
 
-test: sysdeps $(STAMP)
+test: sysdeps $(STAMP) mindeps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -m 'not e2e and not systemd and not packaging' $(PYTEST_ARGS)
+
+# made anew whenever the floors change, so nothing newer lingers from an earlier set
+$(MIN_STAMP): setup.cfg pyproject.toml tests/min_deps.py
+	rm -rf $(MIN_VENV)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(PYTHON) tests/min_deps.py > $(MIN_VENV)/requirements.txt
+	# torch==2.13.0 as in $(STAMP): the CPU build on disk
+	$(MIN_VENV)/bin/pip install -q torch==2.13.0 -r $(MIN_VENV)/requirements.txt
+	$(MIN_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+mindeps: $(MIN_STAMP)
+	$(MIN_VENV)/bin/python -m pytest tests/unit -q -p no:cacheprovider $(MIN_DESELECT)
 
 packages: sysdeps $(STAMP)
 	$(BIN)/python packaging/build.py dist

@@ -1,13 +1,14 @@
 """`neuronserve doctor`: is this host ready to serve the config? A list of findings, each ok, warn or fail.
 
 Checks, in order: the config; the backend's devices; device nodes and their permissions for the service
-user; the Python environment that has the framework; nginx; the plan; ports; processes holding cores;
-compiled artifacts. Every probe of the machine goes through `Probes` (a filesystem root for /dev, /proc,
-/opt and a tool runner), so tests replay recorded tool outputs over a fake tree.
+user; the Python environment that has the framework, and its torch, transformers and tokenizers versions; nginx;
+the plan; ports; processes holding cores; compiled artifacts. Every probe of the machine goes through `Probes` (a
+filesystem root for /dev, /proc, /opt and a tool runner), so tests replay recorded tool outputs over a fake tree.
 """
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import re
@@ -33,6 +34,13 @@ UDEV_RULE = 'SUBSYSTEM=="neuron*", KERNEL=="neuron*", GROUP="neuron", MODE="0660
 SAME_CORES = {"inf2": {"inf2", "trn1"}, "trn1": {"inf2", "trn1"}}
 DEVICE_NODES = {"neuron": "neuron", "cuda": "nvidia"}   # /dev/<prefix><N>
 TCP_LISTEN = "0A"
+# The ML environment's packages and the versions neuronserve supports, [floor, ceiling): the floors of transformers
+# and tokenizers are setup.cfg's (the `models` extra), torch's is the one recent transformers releases hold to (they
+# disable torch before 2.6); the ceilings are the first releases not tested yet.
+ML_VERSIONS = {"torch": ("2.6", "3"), "transformers": ("5.9", "6"), "tokenizers": ("0.22.1", "0.24")}
+# prints the installed versions (None where missing) as JSON, from the metadata: importing transformers takes seconds
+ML_PROBE = ("import importlib.metadata as md, json; print(json.dumps({p: next((d.version for d in "
+            f"md.distributions(name=p)), None) for p in {tuple(ML_VERSIONS)!r}}}))")
 
 
 @dataclass(frozen=True)
@@ -203,20 +211,54 @@ def _python(cfg: Config, host: Host, probes: Probes) -> list[Finding]:
                 return [Finding("fail", f"no DLAMI venv (/opt/{_venv_glob(host.kind)}) imports {module}",
                                 f"use a Neuron DLAMI, or pip install {module.replace('_', '-')} into a venv and set "
                                 "server.python to its python")]
-            return [Finding("ok", f"python {python} imports {module}")]
+            # find_python's probe only imports: the versions take one more
+            return _ml_versions(host, python, module, probes.run([python, "-c", ML_PROBE], timeout=60))
         code = f"import {module}"
     else:
         module = "torch"
         code = ("import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" if host.backend == "cuda"
                 else "import torch")
     python = sys.executable if cfg.server.python == "auto" else cfg.server.python
-    done = probes.run([python, "-c", code], timeout=120)
+    # the versions first: sys.exit in the CUDA check ends the probe
+    done = probes.run([python, "-c", f"{ML_PROBE}\n{code}"], timeout=120)
     if done.returncode == 0:
-        return [Finding("ok", f"python {python} imports {module}")]
+        return _ml_versions(host, python, module, done)
     why = "torch sees no GPU" if done.returncode == 3 else _last_line(done.stderr or done.stdout)
     return [Finding("fail", f"python {python} cannot use {module}: {why}",
                     "set server.python to an interpreter that has it" if cfg.server.python == "auto"
                     else f"install {module.replace('_', '-')} into that environment, or change server.python")]
+
+
+def _ml_versions(host: Host, python: str, module: str, done: subprocess.CompletedProcess) -> list[Finding]:
+    """The import's finding, with the ML packages' versions from ML_PROBE's output checked against ML_VERSIONS."""
+    try:
+        found = json.loads(_last_line(done.stdout) if done.returncode == 0 else "")
+    except ValueError:
+        return [Finding("ok", f"python {python} imports {module}"),
+                Finding("warn", f"python {python}: no versions of {', '.join(ML_VERSIONS)} from it: "
+                                f"{_last_line(done.stderr or done.stdout)}")]
+    versions = ", ".join(f"{p} {v}" for p, v in found.items() if v)
+    out = [Finding("ok", f"python {python} imports {module}" + (f" ({versions})" if versions else ""))]
+    for package, (floor, ceiling) in ML_VERSIONS.items():
+        version = found.get(package)
+        wanted = f"{package}>={floor},<{ceiling}"
+        fix = f"{python} -m pip install '{wanted}'"
+        if package == "torch" and host.backend == "neuron":
+            fix += " (on Neuron, torch comes with torch-neuronx: use a DLAMI venv whose torch is in that range)"
+        if version is None:
+            out.append(Finding("fail", f"python {python} has no {package}; neuronserve supports {wanted}", fix))
+        elif _release(version) < _release(floor):
+            out.append(Finding("fail", f"python {python} has {package} {version}, older than neuronserve "
+                                       f"supports ({wanted})", fix))
+        elif _release(version) >= _release(ceiling):
+            out.append(Finding("warn", f"python {python} has {package} {version}, newer than neuronserve is "
+                                       f"tested with ({wanted})", fix))
+    return out
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """'2.13.0+cpu' -> (2, 13, 0): the release numbers alone (no pre-release or local part), for ordering."""
+    return tuple(int(x) for x in re.match(r"\d+(?:\.\d+)*", version).group().split("."))
 
 
 def _venv_glob(kind: str) -> str:

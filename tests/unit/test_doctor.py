@@ -31,6 +31,8 @@ class Machine:
         self.calls: list[list[str]] = []
         self.neuron_ls = (DATA / "neuron-ls" / sample).read_text()
         self.imports = {"torch_neuronx"}
+        # what doctor.ML_PROBE prints in the venv (None: not installed)
+        self.versions = {"torch": "2.8.0", "transformers": "5.25.0", "tokenizers": "0.23.3"}
         tool = self.path("/opt/aws/neuron/bin/neuron-ls")
         tool.parent.mkdir(parents=True)
         tool.touch()
@@ -71,10 +73,14 @@ class Machine:
         self.calls.append(list(argv))
         if argv[1:] == ["--output-format", "json"] and argv[0] == str(self.path("/opt/aws/neuron/bin/neuron-ls")):
             return subprocess.CompletedProcess(argv, 0, self.neuron_ls, "")
-        if argv[1] == "-c" and argv[2].startswith("import "):
-            ok = argv[2].removeprefix("import ") in self.imports
-            return subprocess.CompletedProcess(argv, 0 if ok else 1, "",
-                                               "" if ok else "ModuleNotFoundError: No module named 'torch_neuronx'")
+        if argv[1] == "-c":
+            # the versions probe, an import, or the two in one (the probe's line first)
+            lines = argv[2].splitlines()
+            printed = json.dumps(self.versions) + "\n" if lines[0] == doctor.ML_PROBE else ""
+            missing = [x.removeprefix("import ") for x in lines if x != doctor.ML_PROBE
+                       and x.removeprefix("import ") not in self.imports]
+            error = f"ModuleNotFoundError: No module named {missing[0]!r}" if missing else ""
+            return subprocess.CompletedProcess(argv, 1 if missing else 0, printed, error)
         if argv[1:] == ["-v"] and argv[0].endswith("nginx"):
             return subprocess.CompletedProcess(argv, 0, "", "nginx version: nginx/1.24.0\n")
         raise AssertionError(f"unexpected command {argv}")
@@ -146,7 +152,8 @@ def test_healthy_inf2_host(tmp_path, machine):
     assert by_status(findings, "fail") == [] and by_status(findings, "warn") == []
     assert one(findings, "backend neuron (inf2)").what.startswith("backend neuron (inf2): 24 cores on 12 device(s)")
     one(findings, "/dev/neuron* (0-11): read/write for 'neuronserve'")
-    one(findings, "aws_neuronx_venv_pytorch_2_8/bin/python imports torch_neuronx")
+    one(findings, "aws_neuronx_venv_pytorch_2_8/bin/python imports torch_neuronx (torch 2.8.0, transformers 5.25.0, "
+                  "tokenizers 0.23.3)")
     one(findings, "nginx version: nginx/1.24.0")
     assert one(findings, "plan: 12 group(s)").what.endswith("bert-11 (cores 22-23)")
     ports = [*range(BASE_PORT, BASE_PORT + 12), *range(BASE_PORT + 1000, BASE_PORT + 1012), FRONT_PORT, FRONT_PORT + 1]
@@ -154,7 +161,7 @@ def test_healthy_inf2_host(tmp_path, machine):
     one(findings, "model bert: 2 bucket(s) compiled for neuron (inf2)")
     # exactly the probes NEURON.md describes, nothing else
     assert machine.calls[0] == [str(machine.path("/opt/aws/neuron/bin/neuron-ls")), "--output-format", "json"]
-    assert [c[1:] for c in machine.calls[1:]] == [["-c", "import torch_neuronx"], ["-v"]]
+    assert [c[1:] for c in machine.calls[1:]] == [["-c", "import torch_neuronx"], ["-c", doctor.ML_PROBE], ["-v"]]
 
 
 def test_stale_and_foreign_core_holders(tmp_path, machine):
@@ -235,8 +242,43 @@ def test_explicit_server_python_is_checked_as_named(tmp_path, machine):
     machine.imports = set()
     f = one(doctor.diagnose(path, probes=machine.probes()), "/srv/ml/bin/python")
     assert f.status == "fail" and "cannot use torch_neuronx: ModuleNotFoundError" in f.what
-    assert ["/srv/ml/bin/python", "-c", "import torch_neuronx"] in machine.calls
+    # the versions are asked in the same probe as the import
+    assert ["/srv/ml/bin/python", "-c", f"{doctor.ML_PROBE}\nimport torch_neuronx"] in machine.calls
     assert "install torch-neuronx into that environment" in f.fix
+
+
+@pytest.mark.parametrize("python", ["auto", "/srv/ml/bin/python"])
+@pytest.mark.parametrize("package, version, status, text", [
+    ("transformers", "4.57.1", "fail", "has transformers 4.57.1, older than neuronserve supports"),
+    ("tokenizers", None, "fail", "has no tokenizers; neuronserve supports"),
+    ("torch", "3.1.0+cpu", "warn", "has torch 3.1.0+cpu, newer than neuronserve is tested with"),
+])
+def test_ml_environment_versions_outside_the_supported_range(tmp_path, machine, python, package, version, status,
+                                                            text):
+    compiled(tmp_path)
+    path = write_config(tmp_path)
+    if python == "auto":
+        python = str(machine.path("/opt/aws_neuronx_venv_pytorch_2_8/bin/python"))
+    else:
+        path.write_text(path.read_text().replace("[server]\n", f'[server]\npython = "{python}"\n'))
+    machine.versions[package] = version
+    findings = doctor.diagnose(path, probes=machine.probes())
+    floor, ceiling = doctor.ML_VERSIONS[package]
+    f = one(findings, text)
+    assert f.status == status and f.what.startswith(f"python {python} has ")
+    assert f.what.endswith(f"{package}>={floor},<{ceiling}" + (")" if version else ""))
+    assert f.fix.startswith(f"{python} -m pip install '{package}>={floor},<{ceiling}'")
+    # the import itself is fine, and the other two packages are in range
+    assert one(findings, f"python {python} imports torch_neuronx").status == "ok"
+    assert [x for x in findings if x.what.startswith(f"python {python} has ")] == [f]
+
+
+def test_supported_ml_versions_start_at_the_declared_floors():
+    import min_deps
+
+    pins = dict(r.split("==") for r in min_deps.requirements() if "==" in r)
+    assert {p: doctor.ML_VERSIONS[p][0] for p in ("transformers", "tokenizers")} == \
+        {p: pins[p] for p in ("transformers", "tokenizers")}
 
 
 @pytest.mark.parametrize("backend, target, status, text", [
