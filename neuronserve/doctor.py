@@ -363,13 +363,14 @@ def _cmdline(pid_dir: Path) -> str:
 
 
 def _unit_of(pid: int, probes: Probes) -> str | None:
-    """The neuronserve-*.service the process runs in, or None."""
+    """The group unit (neuronserve@<group>.service, or an earlier version's neuronserve-<group>.service) the
+    process runs in, or None."""
     unit = unit_of(pid, probes.path("/proc"))
     return unit if unit is not None and group_of_unit(unit) is not None else None
 
 
 def _is_neuronserve(pid: int, cmdline: str, probes: Probes) -> bool:
-    """A group's process: in a neuronserve-*.service cgroup, or running the app (`neuronserve up`)."""
+    """A group's process: in a group unit's cgroup, or running the app (`neuronserve up`)."""
     return _unit_of(pid, probes) is not None or APP in cmdline
 
 

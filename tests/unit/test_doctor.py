@@ -183,13 +183,14 @@ def test_stale_and_foreign_core_holders(tmp_path, machine):
 def test_holders_that_are_neuronserve_units_are_fine(tmp_path, machine):
     compiled(tmp_path)
     machine.process(41877, f"/usr/bin/python3 -m gunicorn --config /etc/neuronserve/gunicorn/bert-2.conf.py {APP}",
-                    cgroup="0::/system.slice/neuronserve-bert-2.service", listen_port=BASE_PORT + 2)
+                    cgroup="0::/system.slice/system-neuronserve.slice/neuronserve@bert-2.service",
+                    listen_port=BASE_PORT + 2)
     machine.process(1234, "nginx: master process /usr/sbin/nginx", listen_port=FRONT_PORT)
     machine.path("/etc/nginx/conf.d").mkdir(parents=True)
     machine.path("/etc/nginx/conf.d/neuronserve.conf").write_text("# rendered\n")
     findings = doctor.diagnose(write_config(tmp_path), probes=machine.probes())
     assert by_status(findings, "fail") == []
-    assert one(findings, "PID 41877 (neuronserve-bert-2.service) holds").status == "ok"
+    assert one(findings, "PID 41877 (neuronserve@bert-2.service) holds").status == "ok"
     assert one(findings, "PID 52210").status == "warn"   # the exited one
     assert one(findings, f"port {BASE_PORT + 2} (group bert-2) is held by neuronserve").status == "ok"
     assert one(findings, f"port {FRONT_PORT} (nginx.listen) is held by neuronserve").status == "ok"
