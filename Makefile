@@ -53,7 +53,7 @@ $(STAMP): setup.cfg pyproject.toml
 venv: $(STAMP)
 
 demo: sysdeps $(STAMP)
-	$(BIN)/python -m neuronserve.demo
+	$(BIN)/python -m dev.demo
 
 test: sysdeps $(STAMP) mindeps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -87,7 +87,7 @@ bench: sysdeps $(STAMP)
 
 # generated from neuronserve/cli.py and config.py, and committed: tests/unit/test_docs.py fails until they match
 docs: $(STAMP)
-	$(BIN)/python -m neuronserve.manpage docs
+	$(BIN)/python -m dev.manpage docs
 
 clean:
 	rm -rf build dist demo-run bench-results *.egg-info

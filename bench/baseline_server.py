@@ -46,7 +46,7 @@ def create_app(model_dir: str | None = None, core: int | None = None, copies: in
     import transformers
     from fastapi import FastAPI, responses
 
-    from neuronserve.artifact import read_manifest
+    from neuronserve.build.artifact import read_manifest
 
     model_dir = Path(model_dir or os.environ["BASELINE_MODEL_DIR"])
     core = int(os.environ.get("BASELINE_CORE", "0") if core is None else core)

@@ -39,7 +39,7 @@ class Latency:
 def sample_arrays(model_dir: Path, payload: dict, batch: int, seq: int):
     """Every row the tokenized `payload` (a request's `inputs`), padded to [batch, seq] like the server does."""
     from neuronserve import tasks
-    from neuronserve.artifact import read_manifest
+    from neuronserve.build.artifact import read_manifest
     from neuronserve.tasks import load_tokenizer
 
     manifest = read_manifest(model_dir, verify=False)
@@ -54,8 +54,8 @@ def _load(model_dir: Path, payload: dict, batch: int, cpus: list[int], seq: int 
     any shape of the shared one."""
     import torch
 
-    from neuronserve import backends
-    from neuronserve.artifact import SHARED_FILE, read_manifest
+    from neuronserve.build import backends
+    from neuronserve.build.artifact import SHARED_FILE, read_manifest
 
     os.sched_setaffinity(0, cpus)
     manifest = read_manifest(model_dir, verify=False)
@@ -182,7 +182,7 @@ def latency(model_dir: Path, payload: dict, cpus: list[int], seconds: float) -> 
 
 
 def latency_of(times: list[float], cpus: list[int]) -> Latency:
-    from neuronserve.stats import percentile
+    from neuronserve.measure.stats import percentile
 
     times = sorted(times)
     return Latency(cpus=list(cpus), threads=len(cpus), median_s=statistics.median(times),

@@ -19,9 +19,11 @@ from pathlib import Path
 
 from bench import report
 from bench.systems import one_model_stack
-from neuronserve import backends, random_models, tasks
-from neuronserve.artifact import SHARED_FILE, read_manifest
-from neuronserve.compile import compile_model
+from neuronserve import tasks
+from dev import random_models
+from neuronserve.build import backends
+from neuronserve.build.artifact import SHARED_FILE, read_manifest
+from neuronserve.build.compile import compile_model
 from neuronserve.server.batcher import SEQ_MULTIPLE
 
 MODELS = {"minilm": dict(layers=6, hidden=384, heads=12), "bert-base": dict(layers=12, hidden=768, heads=12)}

@@ -22,7 +22,7 @@ from bench.__main__ import log
 from bench.memory import compile_with
 from bench.systems import one_model_stack
 from neuronserve import tasks
-from neuronserve.artifact import read_manifest
+from neuronserve.build.artifact import read_manifest
 from neuronserve.server.batcher import SEQ_MULTIPLE
 
 TEXT = "A short sentence, as a search query or a chat message would send it."

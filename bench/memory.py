@@ -20,11 +20,11 @@ from bench import report
 from bench.__main__ import log
 from bench.systems import one_model_stack
 from bench.versus import checkout
-from neuronserve import random_models
+from dev import random_models
 
 SHAPES = {"6 buckets": ([1, 4, 8], [64, 128]), "1 bucket": ([1], [128])}
 RUNS = [("6 buckets", 2), ("1 bucket", 1)]
-COMPILE = ("import sys, json; from pathlib import Path; from neuronserve.compile import compile_model; "
+COMPILE = ("import sys, json; from pathlib import Path; from neuronserve.build.compile import compile_model; "
            "compile_model(Path(sys.argv[1]), Path(sys.argv[2]), name='minilm', task='feature-extraction', "
            "backend='cpu', target='cpu', batch_sizes=json.loads(sys.argv[3]), "
            "sequence_lengths=json.loads(sys.argv[4]))")

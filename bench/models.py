@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from neuronserve import random_models
-from neuronserve.artifact import read_manifest
-from neuronserve.compile import compile_model
+from dev import random_models
+from neuronserve.build.artifact import read_manifest
+from neuronserve.build.compile import compile_model
 from neuronserve.errors import ArtifactError
 
 TASK = "question-answering"

@@ -18,8 +18,8 @@ import urllib.request
 from pathlib import Path
 
 from bench import wrk
-from neuronserve import scrape
-from neuronserve.up import free_port_block, local_ports
+from neuronserve.measure import scrape
+from neuronserve.operate.up import free_port_block, local_ports
 
 from bench.baseline_server import COPIES, Baseline, request_path
 
@@ -42,7 +42,7 @@ def one_model_stack(work: Path, repo: Path, keys: dict, *, name: str, backend: s
     from neuronserve.devices import cpu as cpu_devices, discover_host
     from neuronserve.layout import Layout
     from neuronserve.plan import make_plan
-    from neuronserve.up import Stack
+    from neuronserve.operate.up import Stack
 
     ports = local_ports(len(cpus or [0]))
     work.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,7 @@ max_queue = 1024
         from neuronserve.devices import cpu as cpu_devices
         from neuronserve.layout import Layout
         from neuronserve.plan import make_plan
-        from neuronserve.up import Stack
+        from neuronserve.operate.up import Stack
 
         work = self.root / "run" / f"neuronserve-{self.name}"
         work.mkdir(parents=True, exist_ok=True)

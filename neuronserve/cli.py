@@ -153,7 +153,7 @@ def doctor_cmd(config_path, backend, as_json):
     """
     import json
 
-    from neuronserve import doctor
+    from neuronserve.operate import doctor
 
     findings = doctor.diagnose(config_path, backend=backend)
     click.echo(json.dumps(doctor.as_dict(findings), indent=2) if as_json else doctor.as_text(findings))
@@ -178,7 +178,7 @@ def env_cmd(config_path, link, ml_python, unlink):
     neuronserve's packages win and torch & co. come from the host. Both must run the same Python X.Y.
     The package's postinst runs `neuronserve env --link`; run it again after the ML environment changed.
     """
-    from neuronserve import mlenv
+    from neuronserve.operate import mlenv
 
     if unlink:
         click.echo("unlinked" if mlenv.unlink() else "nothing was linked")
@@ -269,10 +269,10 @@ def bench_cmd(config_path, backend, model, concurrency, rate, duration, count, m
     Writes OUT/bench.json, OUT/bench.csv and OUT/bench.png (throughput and p99 against
     the level; needs matplotlib).
     """
-    from neuronserve import bench
+    from neuronserve.measure import bench
     from neuronserve.config import DEFAULT_PATH
     from neuronserve.context import HostContext
-    from neuronserve.up import front_url_for
+    from neuronserve.operate.up import front_url_for
 
     ctx = HostContext(load_config(config_path, backend))
     cfg = ctx.config
@@ -321,7 +321,7 @@ def top_cmd(config_path, backend, interval, once, as_json):
     """
     from rich.console import Console
 
-    from neuronserve import top
+    from neuronserve.measure import top
 
     if as_json and not once:
         raise click.UsageError("--json goes with --once")
@@ -376,7 +376,7 @@ def compile_cmd(config_path, backend, models, source, task, name, out, batch_siz
     """
     import shlex
 
-    from neuronserve import compile as compiler
+    from neuronserve.build import compile as compiler
 
     if source is None:
         if task or out or name or target or compiler_args:
@@ -455,7 +455,7 @@ def apply_cmd(config_path, backend, dry_run, restart_all, ready_timeout):
     worker could not reserve the cores the old one holds. With two or more groups per model,
     a config change under load loses no request.
     """
-    from neuronserve import apply
+    from neuronserve.operate import apply
     from neuronserve.context import HostContext
 
     ctx = HostContext(load_config(config_path, backend))
@@ -487,7 +487,7 @@ def status_cmd(config_path, backend, interval, as_json):
     outside the active unit of the group owning those cores keeps them from that group.
     Exits 0 when every group is active and ready and no holder is stale, else 1.
     """
-    from neuronserve import status
+    from neuronserve.operate import status
 
     st = status.collect(load_plan(config_path, backend), interval_s=interval)
     click.echo(status.as_json(st) if as_json else status.as_text(st))
@@ -508,7 +508,8 @@ def cleanup_cmd(config_path, dry_run):
     Other units, services and containers are never touched; the config, the model repository and
     the neuronserve user stay. Without a config file, the default paths are cleaned.
     """
-    from neuronserve import cleanup, config
+    from neuronserve import config
+    from neuronserve.operate import cleanup
     from neuronserve.context import HostContext
 
     path = config_path or config.DEFAULT_PATH
@@ -575,7 +576,7 @@ def up_cmd(config_path, backend, root, ready_timeout):
     import shutil
     import tempfile
 
-    from neuronserve import up
+    from neuronserve.operate import up
     from neuronserve.context import HostContext
 
     scratch = root or Path(tempfile.mkdtemp(prefix="neuronserve-up-"))

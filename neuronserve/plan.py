@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neuronserve.config import Config, ModelSection, format_core_list
-from neuronserve import footprint
+from neuronserve.build import footprint
 from neuronserve.devices import Host, backend_module
 from neuronserve.errors import PlanError
 from neuronserve.layout import Layout
@@ -177,7 +177,7 @@ def _assign_cores(cfg: Config, host: Host) -> dict[str, list[list[int]]]:
 
 
 def resolve_python(cfg: Config, host: Host) -> str:
-    from neuronserve import mlenv
+    from neuronserve.operate import mlenv
 
     if mlenv.joined():
         # packaged install: neuronserve's venv sees torch & co. through its .pth join, the ML venv has no gunicorn

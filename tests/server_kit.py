@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 
-from neuronserve import backends
-from neuronserve.compile import compile_model
+from neuronserve.build import backends
+from neuronserve.build.compile import compile_model
 from neuronserve.server.settings import ServerSettings
 
 APP = "neuronserve.server.app:create_app()"

@@ -21,8 +21,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from neuronserve import backends, tasks
-from neuronserve.artifact import SHARED_FILE, Manifest
+from neuronserve import tasks
+from neuronserve.build import backends
+from neuronserve.build.artifact import SHARED_FILE, Manifest
 from neuronserve.server.batcher import Batch, Batcher, ServeError
 from neuronserve.server.lending import UNLENT, Lending
 from neuronserve.server.metrics import Metrics

@@ -15,8 +15,9 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
-from neuronserve import backends, tasks
-from neuronserve.artifact import SHARED_FILE, read_manifest
+from neuronserve import tasks
+from neuronserve.build import backends
+from neuronserve.build.artifact import SHARED_FILE, read_manifest
 from neuronserve.errors import ArtifactError
 from neuronserve.server import lending
 from neuronserve.server.batcher import Batcher, ServeError, Work

@@ -2,7 +2,7 @@
 
 Fixtures:
 - `model_repo`: a model repository with two tiny random-init models compiled for the CPU by
-  neuronserve.compile.compile_model: "emb" (feature-extraction) and "cls" (text-classification).
+  neuronserve.build.compile.compile_model: "emb" (feature-extraction) and "cls" (text-classification).
 - `stack`: session-wide, started and ready: model "emb" in two groups, one per CPU core (the machine has
   two), one model copy each, behind nginx. Tests must leave it running and healthy.
 - `two_models`: per module, "emb" and "cls" behind one front, one group each.
@@ -25,7 +25,7 @@ from neuronserve import config
 from neuronserve.devices import cpu
 from neuronserve.layout import Layout
 from neuronserve.plan import make_plan
-from neuronserve.up import Stack, local_ports
+from neuronserve.operate.up import Stack, local_ports
 
 E2E_DIR = Path(__file__).parent
 READY_TIMEOUT_S = 240.0     # a noisy 2-core machine loading two groups at once
@@ -42,7 +42,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory, tiny_model_dir) -> Path:
-    from neuronserve.compile import compile_model
+    from neuronserve.build.compile import compile_model
 
     repo = tmp_path_factory.mktemp("models")
     for name, task in MODELS.items():

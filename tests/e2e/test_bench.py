@@ -8,9 +8,9 @@ import sys
 
 from click.testing import CliRunner
 
-from neuronserve import bench
+from neuronserve.measure import bench
 from neuronserve.cli import main
-from neuronserve.up import local_ports
+from neuronserve.operate.up import local_ports
 
 
 def test_closed_loop_through_nginx_both_protocols(stack):

@@ -3,7 +3,7 @@ pointed at a model's URL (http://<front>/models/<name>), answers as the transfor
 model (or, for question answering and sentence similarity, which have no pipeline, as the task JSON route and a
 cosine written here do).
 
-Models: small random ones of three tokenizer families (neuronserve.random_models.build_model), two per stack as
+Models: small random ones of three tokenizer families (dev.random_models.build_model), two per stack as
 the machine has two cores.
 """
 from __future__ import annotations
@@ -17,8 +17,9 @@ import torch
 import transformers
 from huggingface_hub import InferenceClient, constants
 
-from neuronserve import random_models, tasks
-from neuronserve.compile import compile_model
+from neuronserve import tasks
+from dev import random_models
+from neuronserve.build.compile import compile_model
 
 MODELS = {  # name: (architecture, task)
     "ner": ("roberta", "token-classification"),

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from neuronserve import tasks
-from neuronserve.artifact import read_manifest, write_manifest
+from neuronserve.build.artifact import read_manifest, write_manifest
 from references import qa_answer
 from server_kit import Gunicorn, compiled, settings_for, shared_server
 

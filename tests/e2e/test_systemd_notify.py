@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from neuronserve.artifact import read_manifest, write_manifest
+from neuronserve.build.artifact import read_manifest, write_manifest
 from server_kit import Gunicorn, settings_for
 
 HOOK = ("-c", "python:neuronserve.server.systemd_notify")    # what the rendered gunicorn config imports

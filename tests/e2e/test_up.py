@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from neuronserve.errors import ServiceError
-from neuronserve.up import _port_in_use
+from neuronserve.operate.up import _port_in_use
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "neuronserve puts a model on every core", "short"]
 

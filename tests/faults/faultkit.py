@@ -3,7 +3,7 @@
 - `e2e_stack`: tests/e2e/conftest.py loaded as a module, so these tests build their stacks the same way
   (`build_stack`, `started`, the `model_repo` / `stack_factory` fixtures) instead of a second copy of that code.
 - `worker_pid(stack, group)`: the PID of a group's uvicorn worker (the gunicorn master's only child).
-- `Load`: closed-loop load (neuronserve.loadgen) through the front in a background thread.
+- `Load`: closed-loop load (neuronserve.measure.loadgen) through the front in a background thread.
 - `record(basetemp, key, data)`: figures (requests sent/failed per fault, seconds until back, cases run) merged
   into <pytest basetemp>/fault-figures.json and printed, so the closing note can quote them.
 """
@@ -19,7 +19,7 @@ from typing import Callable
 
 import httpx
 
-from neuronserve import loadgen
+from neuronserve.measure import loadgen
 
 TESTS = Path(__file__).resolve().parents[1]
 FIGURES = "fault-figures.json"

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from faultkit import ready, record, start_stack, wait_until, worker_pid
-from neuronserve.artifact import read_manifest, sha256_file, write_manifest
+from neuronserve.build.artifact import read_manifest, sha256_file, write_manifest
 
 TIMEOUT_S = 2.0              # server.timeout_s of this stack; neuron.exec_timeout_s must stay below it
 HANG_S = 3 * TIMEOUT_S       # how long a poisoned model call spins (calibrated on this machine)

@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from faultkit import ready, record, start_stack, wait_until
-from neuronserve.artifact import read_manifest
-from neuronserve.compile import compile_model
+from neuronserve.build.artifact import read_manifest
+from neuronserve.build.compile import compile_model
 from neuronserve.errors import ArtifactError
 
 PAGE = 4096

@@ -1,4 +1,4 @@
-"""neuronserve.mlenv: joining neuronserve's venv to an ML environment, with real venvs and real interpreters.
+"""neuronserve.operate.mlenv: joining neuronserve's venv to an ML environment, with real venvs and real interpreters.
 
 "ours" stands for /opt/neuronserve/venv and "ml" for a DLAMI venv; both are made from this interpreter's base
 Python, and the .pth that `link` writes is read by the real `site` machinery of a fresh process.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from neuronserve import mlenv
+from neuronserve.operate import mlenv
 from neuronserve.cli import main
 
 pytestmark = pytest.mark.packaging

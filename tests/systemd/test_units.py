@@ -36,7 +36,7 @@ print(json.dumps({"ready": client.is_model_ready("tiny"), "answer": json.loads(r
 WRONG_WARMUP = """
 import sys, numpy as np
 from pathlib import Path
-from neuronserve.artifact import read_manifest, write_manifest
+from neuronserve.build.artifact import read_manifest, write_manifest
 d = Path(sys.argv[1]); m = read_manifest(d)
 m.warmup.expected = {k: (np.asarray(v) + 0.5).tolist() for k, v in m.warmup.expected.items()}
 write_manifest(d, m)
@@ -68,7 +68,7 @@ max_batch_delay_ms = {delay_ms}
 
 @pytest.fixture(scope="module")
 def box(container, tiny_model_dir, tmp_path_factory):
-    from neuronserve.compile import compile_model
+    from neuronserve.build.compile import compile_model
 
     seed = container.seed
     compile_model(tiny_model_dir("text-classification"), seed / REPO.lstrip("/") / "tiny", name="tiny",

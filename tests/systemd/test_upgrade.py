@@ -77,7 +77,7 @@ def debs(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def box(container, debs, tiny_model_dir, tmp_path_factory):
-    from neuronserve.compile import compile_model
+    from neuronserve.build.compile import compile_model
 
     seed = container.seed
     compile_model(tiny_model_dir("text-classification"), seed / REPO.lstrip("/") / "tiny", name="tiny",

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from neuronserve import apply, cleanup, config
+from neuronserve import config
+from neuronserve.operate import apply, cleanup
 from neuronserve.devices import Core, Holder, Host, cpu
 from neuronserve.errors import ServiceError
 from neuronserve.layout import Layout
 from neuronserve.plan import make_plan
 from neuronserve.render import HEADER
-from neuronserve.systemctl import Systemctl
+from neuronserve.operate.systemctl import Systemctl
 
 NGINX = "nginx.service"
 
@@ -286,7 +287,7 @@ def test_neuron_roll_waits_for_the_cores_to_be_free_between_stop_and_start(tmp_p
     # tiny-0's old worker (device 0) is still exiting at the first neuron-ls after the stop; tiny-1 holds device 1
     old = Holder(pid=500, command="gunicorn: worker [neuronserve-tiny-0]", device=0, cores=(0, 1))
     sibling = Holder(pid=600, command="gunicorn: worker [neuronserve-tiny-1]", device=1, cores=(2, 3))
-    monkeypatch.setattr("neuronserve.status.unit_of", lambda pid: {500: u0, 600: u1}.get(pid))
+    monkeypatch.setattr("neuronserve.operate.status.unit_of", lambda pid: {500: u0, 600: u1}.get(pid))
     host = FakeHost(layout, active={u0, u1}, holders=[[old, sibling], [sibling]])
     result = host.applier(plan, holders=host.holders).run(restart_all=True)
     i = host.log.index(f"systemctl stop {u0}")
@@ -302,7 +303,7 @@ def test_neuron_stale_holder_of_the_groups_cores_stops_the_apply_naming_it(tmp_p
     FakeHost(layout).applier(plan, holders=lambda: []).run()
     u0 = "neuronserve@tiny-0.service"
     stale = Holder(pid=777, command="python bench.py", device=0, cores=(0, 1))
-    monkeypatch.setattr("neuronserve.status.unit_of", lambda pid: None)
+    monkeypatch.setattr("neuronserve.operate.status.unit_of", lambda pid: None)
     host = FakeHost(layout, active={u0, "neuronserve@tiny-1.service"}, holders=[[stale]] * 1000)
     clock = iter(range(0, 10_000, 1))
     with pytest.raises(ServiceError, match=r"PID 777 \(python bench.py, not started by neuronserve"):

@@ -1,6 +1,6 @@
 """Every common encoder architecture compiles for every task and serves what transformers computes.
 
-Small random models of each architecture (neuronserve.random_models.build_model: real tokenizers of each family)
+Small random models of each architecture (dev.random_models.build_model: real tokenizers of each family)
 are traced on the CPU and compared with the transformers model run eagerly, batched and padded as the server runs
 them and item by item unpadded; sentence-transformers models are compared with sentence-transformers itself.
 """
@@ -12,7 +12,9 @@ import shutil
 import pytest
 import torch
 
-from neuronserve import compile as compiler, random_models, tasks
+from neuronserve import tasks
+from dev import random_models
+from neuronserve.build import compile as compiler
 from neuronserve.errors import ArtifactError, ConfigError
 
 ARCHITECTURES = list(random_models.ARCHITECTURES)
@@ -261,7 +263,7 @@ def test_older_pooling_configs_are_read(st_source, tmp_path):
 # ---------------------------------------------------------------- loading: the attention kernel and the errors
 
 def test_a_kernel_the_backend_prefers_but_cannot_have_falls_back_to_eager(arch_model_dir, tmp_path, monkeypatch):
-    from neuronserve.backends import cpu
+    from neuronserve.build.backends import cpu
 
     monkeypatch.setattr(cpu.CpuBackend, "attn_implementation", "flash_attention_2")   # not installed here
     manifest = compiler.compile_model(arch_model_dir("bert", "text-classification"), tmp_path / "out", name="m",

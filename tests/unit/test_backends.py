@@ -16,9 +16,10 @@ import pytest
 import torch
 from transformers import BertForQuestionAnswering
 
-from neuronserve import compile as compiler, tasks
-from neuronserve.artifact import read_manifest
-from neuronserve.backends import get, neuron as neuron_backend
+from neuronserve import tasks
+from neuronserve.build import compile as compiler
+from neuronserve.build.artifact import read_manifest
+from neuronserve.build.backends import get, neuron as neuron_backend
 from neuronserve.errors import ArtifactError, DeviceError
 from neuronserve.tasks.modules import TaskModule
 

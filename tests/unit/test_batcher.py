@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from neuronserve import tasks
-from neuronserve.artifact import read_manifest
+from neuronserve.build.artifact import read_manifest
 from neuronserve.server.batcher import Batch, Batcher, ServeError, Work
 from neuronserve.server.model import ServedModel
 from neuronserve.tasks import load_tokenizer
@@ -414,7 +414,7 @@ def weight_pointers(module) -> list[int]:
 
 
 def test_buckets_and_copies_share_one_set_of_weights(artifact):
-    from neuronserve import backends
+    from neuronserve.build import backends
 
     loads = []
 

@@ -24,14 +24,14 @@ import pytest
 from bench import cpu, report, wrk
 from bench.baseline_server import Baseline, request_path
 from bench.systems import CONTEXT, QUESTION
-from neuronserve.up import free_port_block
+from neuronserve.operate.up import free_port_block
 
 
 # ---------------------------------------------------------------- the baseline server, for real
 
 @pytest.fixture(scope="module")
 def compiled_tiny(tiny_model_dir, tmp_path_factory):
-    from neuronserve.compile import compile_model
+    from neuronserve.build.compile import compile_model
 
     source = tiny_model_dir("question-answering")
     out = tmp_path_factory.mktemp("bench-tiny") / "tiny"
@@ -45,7 +45,7 @@ def expected_answer(model_dir, question: str, context: str) -> str:
     import torch
     import transformers
 
-    from neuronserve.artifact import read_manifest
+    from neuronserve.build.artifact import read_manifest
 
     manifest = read_manifest(model_dir)
     tok = transformers.AutoTokenizer.from_pretrained(str(model_dir / manifest.tokenizer))

@@ -11,9 +11,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from neuronserve import compile as compiler, random_models, tasks
-from neuronserve.artifact import Manifest, read_manifest
-from neuronserve.backends import cpu as cpu_backend, get
+from neuronserve import tasks
+from dev import random_models
+from neuronserve.build import compile as compiler
+from neuronserve.build.artifact import Manifest, read_manifest
+from neuronserve.build.backends import cpu as cpu_backend, get
 from neuronserve.cli import main
 from neuronserve.config import Config
 from neuronserve.devices import Core, Host

@@ -214,7 +214,7 @@ def test_fuzz_valid_configs_plan_and_render_or_explain(tmp_path, server, nginx, 
     from neuronserve.layout import Layout
     from neuronserve.plan import make_plan
     from neuronserve.render import render_files
-    from neuronserve.up import front_url_for
+    from neuronserve.operate.up import front_url_for
 
     p = write(tmp_path, _toml({"server": server, "nginx": nginx, "models": {"m": model}}))
     try:

@@ -436,7 +436,7 @@ GIB = 1 << 30
 def fake_artifact(repo: Path, name: str, backend: str, target: str, files: dict[str, int], buckets: dict,
                   weights: str = "") -> None:
     """A compiled model directory whose files have the given sizes (sparse), as `neuronserve compile` lays out."""
-    from neuronserve.artifact import Bucket, Manifest, write_manifest
+    from neuronserve.build.artifact import Bucket, Manifest, write_manifest
 
     directory = repo / name
     directory.mkdir(parents=True)

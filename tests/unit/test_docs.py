@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 import pytest
 
-from neuronserve import config, manpage
+from neuronserve import config
+from dev import manpage
 from neuronserve.cli import main
 from neuronserve.devices import Core, Host
 from neuronserve.plan import make_plan

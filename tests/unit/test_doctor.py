@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from neuronserve import artifact, doctor
+from neuronserve.build import artifact
+from neuronserve.operate import doctor
 from neuronserve.cli import main
 from neuronserve.plan import APP
 

@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from neuronserve import random_models
+from dev import random_models
 from neuronserve.server import grpc_messages as pb
 from neuronserve.server.app import create_app
 from server_kit import GatedLoader, compiled, free_port, in_process, settings_for, wait_ready

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from click.testing import CliRunner
 
-from neuronserve import bench, loadgen
+from neuronserve.measure import bench, loadgen
 from neuronserve.cli import main
 
 

@@ -23,7 +23,7 @@ from neuronserve.layout import Layout
 from neuronserve.plan import make_plan
 from neuronserve.render import (HEADER, Secret, auth_map_path, render_files, stale_units, systemd_arg, systemd_env,
                                 write_files)
-from neuronserve.up import prepare_front
+from neuronserve.operate.up import prepare_front
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 NGINX = shutil.which("nginx") or (shutil.which("nginx", path="/usr/sbin:/usr/local/sbin"))

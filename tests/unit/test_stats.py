@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from neuronserve import scrape
-from neuronserve.stats import histogram_quantile, percentile, summarize
+from neuronserve.measure import scrape
+from neuronserve.measure.stats import histogram_quantile, percentile, summarize
 
 
 def test_nearest_rank_percentiles_of_a_known_set():

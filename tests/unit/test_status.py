@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import subprocess
 
-from neuronserve import config, status
+from neuronserve import config
+from neuronserve.operate import status
 from neuronserve.devices import Core, Holder, Host
 from neuronserve.plan import make_plan
-from neuronserve.systemctl import Systemctl
+from neuronserve.operate.systemctl import Systemctl
 
 U0, U1 = "neuronserve@tiny-0.service", "neuronserve@tiny-1.service"
 

@@ -4,7 +4,7 @@ of the same directory, sentence-transformers for embeddings, and decodes written
 transformers has no pipeline (question-answering, sentence similarity).
 
 Models: small random ones of three tokenizer families, WordPiece (bert), byte-level BPE (roberta) and Unigram
-(xlm-roberta), from neuronserve.random_models.build_model. The same bodies with bad inputs get a 4xx naming the
+(xlm-roberta), from dev.random_models.build_model. The same bodies with bad inputs get a 4xx naming the
 problem.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pytest
 import torch
 import transformers
 
-from neuronserve import random_models, tasks
+from neuronserve import tasks
+from dev import random_models
 from references import qa_answer
 from server_kit import compiled, in_process
 

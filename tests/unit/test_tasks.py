@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from neuronserve import tasks
-from neuronserve.artifact import Bucket, Manifest, Warmup
+from neuronserve.build.artifact import Bucket, Manifest, Warmup
 
 NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 

@@ -18,7 +18,7 @@ import torch
 import transformers
 from fastapi.testclient import TestClient
 
-from neuronserve import random_models
+from dev import random_models
 from neuronserve.server import tei
 from neuronserve.server.app import create_app
 from neuronserve.server.batcher import ServeError

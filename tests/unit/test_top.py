@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from rich.console import Console
 
-from neuronserve import monitor, top
+from neuronserve.measure import monitor, top
 from neuronserve.cli import main
-from neuronserve.up import free_port_block
+from neuronserve.operate.up import free_port_block
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "neuron-monitor"
 GIB = 1 << 30

@@ -19,17 +19,19 @@ from pathlib import Path
 import click
 import httpx
 
-from neuronserve import bench, config, random_models
-from neuronserve.artifact import read_manifest
-from neuronserve.compile import compile_config, console_progress
+from neuronserve import config
+from dev import random_models
+from neuronserve.measure import bench
+from neuronserve.build.artifact import read_manifest
+from neuronserve.build.compile import compile_config, console_progress
 from neuronserve.devices import cpu
 from neuronserve.errors import NeuronserveError
 from neuronserve.layout import Layout
 from neuronserve.plan import make_plan
-from neuronserve.up import Stack, free_port_block
+from neuronserve.operate.up import Stack, free_port_block
 
 CONFIG = """\
-# written by `make demo` (neuronserve.demo): two models, one core group each, on the CPU
+# written by `make demo` (dev.demo): two models, one core group each, on the CPU
 [server]
 backend = "cpu"
 model_repository = "{workdir}/models"

@@ -1,7 +1,7 @@
 """The reference documentation, generated from the code so that it cannot drift from it.
 
-    python -m neuronserve.manpage docs            # what `make docs` runs: rewrite the four files below
-    python -m neuronserve.manpage docs --check    # exit 1 naming the files that differ from a fresh render
+    python -m dev.manpage docs            # what `make docs` runs: rewrite the four files below
+    python -m dev.manpage docs --check    # exit 1 naming the files that differ from a fresh render
 
 neuronserve(1) and docs/cli.md come from the click command tree (neuronserve/cli.py: every command, its help
 and its options with their defaults), neuronserve.toml(5) and docs/configuration.md from
@@ -315,9 +315,9 @@ def environment() -> list[tuple[str, str]]:
     names = {k for plan in _sample_plans() for g in plan.groups for k in g.env}
     missing, unset = sorted(names - rows.keys() - ENV_HELP.keys()), sorted(ENV_HELP.keys() - names)
     if missing:
-        raise RuntimeError(f"the planner sets {', '.join(missing)}: describe it in neuronserve.manpage.ENV_HELP")
+        raise RuntimeError(f"the planner sets {', '.join(missing)}: describe it in dev.manpage.ENV_HELP")
     if unset:
-        raise RuntimeError(f"the planner no longer sets {', '.join(unset)}: drop it from neuronserve.manpage.ENV_HELP")
+        raise RuntimeError(f"the planner no longer sets {', '.join(unset)}: drop it from dev.manpage.ENV_HELP")
     rows.update((k, ENV_HELP[k]) for k in ENV_HELP if k in names and k not in rows)
     return list(rows.items())
 
@@ -443,7 +443,7 @@ def write(docs: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m neuronserve.manpage", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dev.manpage", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("docs", type=Path, help="folder of the generated pages (the repository's docs/)")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a page is out of date")

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from neuronserve import __version__, tasks
-from neuronserve.artifact import SHARED_FILE, WEIGHTS_FILE, Bucket, Manifest, Warmup, bucket_file, sha256_file, write_manifest
+from neuronserve.build.artifact import (SHARED_FILE, WEIGHTS_FILE, Bucket, Manifest, Warmup, bucket_file,
+                                        sha256_file, write_manifest)
 from neuronserve.errors import ArtifactError, ConfigError, DeviceError
 
 # progress(done, total, message): called once before the first step and after each step
@@ -41,7 +42,7 @@ def compile_model(source: Path, out: Path, *, name: str, task: str, backend: str
     """
     import torch
 
-    from neuronserve import backends
+    from neuronserve.build import backends
 
     source, out = Path(source), Path(out)
     spec = _task(task)

@@ -20,13 +20,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple
 
-from neuronserve import artifact, config
+from neuronserve import config
+from neuronserve.build import artifact
 from neuronserve.config import Config, format_core_list
 from neuronserve.devices import BACKENDS, Host, discover_host, run_tool
 from neuronserve.devices import neuron as neuron_devices
 from neuronserve.errors import ArtifactError, ConfigError, DeviceError, PlanError
 from neuronserve.plan import APP, Plan, group_of_unit, make_plan
-from neuronserve.status import unit_of
+from neuronserve.operate.status import unit_of
 
 Status = Literal["ok", "warn", "fail"]
 UDEV_RULE = 'SUBSYSTEM=="neuron*", KERNEL=="neuron*", GROUP="neuron", MODE="0660"'

@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from neuronserve import loadgen, scrape
+from neuronserve.measure import loadgen, scrape
 from neuronserve.errors import NeuronserveError
-from neuronserve.probe import wait_ready
-from neuronserve.stats import summarize
+from neuronserve.measure.probe import wait_ready
+from neuronserve.measure.stats import summarize
 
 # What one request carries, per task: a typical BERT-length text (the server pads it to a sequence bucket).
 SAMPLE_INPUTS = {
@@ -348,7 +348,7 @@ def sweep(cfg, host, model: str | None, shapes: list[tuple[int, int]], loads: li
 class _Shape:
     """One (groups, copies) shape brought up and ready, as a context manager that yields the front URL.
 
-    via "up": the plan's processes and nginx as children (neuronserve.up.Stack) under a scratch root.
+    via "up": the plan's processes and nginx as children (neuronserve.operate.up.Stack) under a scratch root.
     via "apply": the installed units: a conf.d drop-in sorted last reshapes the model and `neuronserve apply`
     rolls the groups; on the way out the drop-in is removed and apply restores the configured shape.
     """
@@ -366,12 +366,12 @@ class _Shape:
         self.dropin: Path | None = None
 
     def __enter__(self) -> str:
-        from neuronserve.up import front_url_for
+        from neuronserve.operate.up import front_url_for
 
         try:
             if self.via == "up":
                 from neuronserve.layout import Layout
-                from neuronserve.up import Stack
+                from neuronserve.operate.up import Stack
 
                 self.stack = Stack(self.plan, Layout(self.root, self.plan.config), nginx=True)
                 self.stack.start()

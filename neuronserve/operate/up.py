@@ -20,7 +20,7 @@ from typing import Callable, IO
 from neuronserve.errors import ServiceError
 from neuronserve.layout import Layout
 from neuronserve.plan import Plan, loopback
-from neuronserve.probe import wait_ready
+from neuronserve.measure.probe import wait_ready
 from neuronserve.render import front_access_log, njs_module, render_files, template_env, write_files
 
 # what a systemd service also gets from outside its unit; everything else comes from the group's env

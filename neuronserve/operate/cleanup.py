@@ -4,9 +4,10 @@
 legacy whole units of earlier versions (neuronserve-<group>.service), copies of the template unit and target
 written where no package installed them, the front config at nginx.conf_path, its token map and the gunicorn
 configs, each only if it carries the header `neuronserve render` writes. A package's own files (the template
-unit and target in /usr/lib) and a sysadmin's override.conf stay. A file with one of those names but without the header was written by someone else:
-it is reported and left alone. No other unit, service or container is ever stopped. The config, the model
-repository and the neuronserve user stay (the package's purge removes those).
+unit and target in /usr/lib) and a sysadmin's override.conf stay. A file with one of those names but without
+the header was written by someone else: it is reported and left alone. No other unit, service or container is
+ever stopped. The config, the model repository and the neuronserve user stay (the package's purge removes
+those).
 """
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from pathlib import Path
 from typing import Callable
 
 from neuronserve import render
-from neuronserve.apply import NGINX_UNIT, Front, Step
+from neuronserve.operate.apply import NGINX_UNIT, Front, Step
 from neuronserve.layout import Layout
 from neuronserve.plan import LEGACY_PREFIX, UNIT_SUFFIX, group_of_unit
-from neuronserve.systemctl import Systemctl
+from neuronserve.operate.systemctl import Systemctl
 
 
 @dataclass

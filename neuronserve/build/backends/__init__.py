@@ -117,4 +117,4 @@ def weight_bytes(runners) -> dict[str, int]:
 def get(name: str) -> Backend:
     if name not in ("cpu", "cuda", "neuron"):
         raise ArtifactError(f"unknown backend {name!r}")
-    return import_module(f"neuronserve.backends.{name}").BACKEND
+    return import_module(f"neuronserve.build.backends.{name}").BACKEND

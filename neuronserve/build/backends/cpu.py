@@ -11,7 +11,7 @@ import weakref
 from pathlib import Path
 from typing import Sequence
 
-from neuronserve.backends import Backend, Runner, runner
+from neuronserve.build.backends import Backend, Runner, runner
 
 
 class CpuBackend(Backend):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from neuronserve.backends import Backend, Runner, runner
+from neuronserve.build.backends import Backend, Runner, runner
 from neuronserve.errors import ArtifactError
 
 DEVICE = "cuda:0"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from neuronserve.stats import histogram_quantile
+from neuronserve.measure.stats import histogram_quantile
 
 PREFIX = "neuronserve_"
 

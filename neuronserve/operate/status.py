@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from neuronserve import scrape
+from neuronserve.measure import scrape
 from neuronserve.config import format_core_list
 from neuronserve.devices import Holder
 from neuronserve.plan import Plan
-from neuronserve.probe import Probe
+from neuronserve.measure.probe import Probe
 from neuronserve.render import TARGET
-from neuronserve.systemctl import Systemctl
+from neuronserve.operate.systemctl import Systemctl
 
 
 @dataclass

@@ -21,8 +21,8 @@ from importlib import import_module
 from pathlib import Path
 from typing import Sequence
 
-from neuronserve.artifact import WEIGHTS_FILE
-from neuronserve.backends import Backend, Runner, runner
+from neuronserve.build.artifact import WEIGHTS_FILE
+from neuronserve.build.backends import Backend, Runner, runner
 from neuronserve.errors import ArtifactError, DeviceError
 
 DEV = Path("/dev")   # where the driver's /dev/neuron<N> devices appear

@@ -15,10 +15,10 @@ from typing import Callable
 from rich.console import Console, Group
 from rich.text import Text
 
-from neuronserve import scrape
+from neuronserve.measure import scrape
 from neuronserve.config import format_core_list
-from neuronserve.monitor import CoreSample, DeviceSample
-from neuronserve.probe import Probe
+from neuronserve.measure.monitor import CoreSample, DeviceSample
+from neuronserve.measure.probe import Probe
 
 GIB = 1 << 30
 
@@ -217,7 +217,7 @@ def render(snap: Snapshot, width: int = 80, height: int = 24) -> Group:
 
 def for_plan(plan, period_s: float = 1.0) -> Top:
     """A Top over every group of a plan, with the sampler of the plan's backend."""
-    from neuronserve.monitor import sampler_for
+    from neuronserve.measure.monitor import sampler_for
 
     sampler = sampler_for(plan.host.backend, tools_dir=plan.config.neuron.tools_dir, period_s=period_s)
     groups = [Watched(g.name, tuple(g.cores), f"http://{g.address}/metrics") for g in plan.groups]

@@ -31,8 +31,8 @@ from neuronserve.devices import Holder
 from neuronserve.errors import ServiceError
 from neuronserve.layout import Layout
 from neuronserve.plan import Group, Plan, group_of_unit
-from neuronserve.probe import Probe
-from neuronserve.systemctl import Runner, Systemctl, run_command
+from neuronserve.measure.probe import Probe
+from neuronserve.operate.systemctl import Runner, Systemctl, run_command
 
 NGINX_UNIT = "nginx.service"
 # without an in-flight gauge from the group, this short grace lets requests that reached it just before the
@@ -195,7 +195,7 @@ class Applier:
         """Neuron: the stopped group's cores must be free before it starts again, or its start would fail."""
         if self.holders is None:
             return
-        from neuronserve.status import classify
+        from neuronserve.operate.status import classify
 
         others = {o.unit for o in self.plan.groups if o is not g and self.systemctl.is_active(o.unit) == "active"}
         deadline = self.clock() + 10
@@ -234,8 +234,8 @@ class Applier:
         self.result.changes = changes
         for c in changes:
             self.step(c.action, str(c.path))
-        roll = [g for g in groups_to_roll(self.plan, self.layout, running, changes, restart_all) if g.name not in legacy]
-        roll += [g for g in groups if g.name in legacy]
+        roll = [g for g in groups_to_roll(self.plan, self.layout, running, changes, restart_all)
+                if g.name not in legacy] + [g for g in groups if g.name in legacy]
         for path in render.superseded_units(self.layout):
             path.unlink()
             self.step("remove", str(path), "the package's copy takes over")

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from neuronserve.artifact import read_manifest
+from neuronserve.build.artifact import read_manifest
 from neuronserve.errors import ArtifactError, PlanError
 
 GIB = 1 << 30

@@ -11,7 +11,7 @@ from typing import Callable
 
 import httpx
 
-from neuronserve import scrape
+from neuronserve.measure import scrape
 
 READY_PATH = "/v2/health/ready"
 

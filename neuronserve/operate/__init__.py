@@ -1,0 +1,1 @@
+"""What operates a host: apply, status, cleanup, doctor, up, the ML environment join, systemctl."""
