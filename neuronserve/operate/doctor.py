@@ -23,6 +23,7 @@ from typing import Callable, Literal, NamedTuple
 from neuronserve import config
 from neuronserve.build import artifact
 from neuronserve.config import Config, format_core_list
+from neuronserve.context import discovery_options
 from neuronserve.devices import BACKENDS, Host, discover_host, run_tool
 from neuronserve.devices import neuron as neuron_devices
 from neuronserve.errors import ArtifactError, ConfigError, DeviceError, PlanError
@@ -76,7 +77,9 @@ class Probes:
         return self.root / Path(p).relative_to("/")
 
     def discover_kwargs(self, cfg: Config) -> dict:
-        base = {"neuron": {"run": self.run, "root": self.root, "tools_dir": cfg.neuron.tools_dir},
+        # what the config says (context.discovery_options, as every command) plus this probe's run and root
+        from_config = discovery_options(cfg)
+        base = {"neuron": {"run": self.run, "root": self.root, **from_config["neuron"]},
                 "cuda": {"run": self.run}, "cpu": {}}
         return {name: {**base[name], **self.discover.get(name, {})} for name in BACKENDS}
 
