@@ -7,7 +7,12 @@ bucket, as before the batch planner), one as configured by default (a batch at i
 at concurrency 1, 2, 4, 8, 16, 64 sends one short sentence through the task JSON route, the two stacks' levels
 interleaved. The ceiling of a level is the best plan for that load: each group's share of the clients as one
 batch at its own shape (batch min(c/2, 32), the sentence's length rounded up to 8), called in-process back to
-back, one pinned process per CPU, measured beside the level (with fewer clients than groups, that share of it). Writes bench-results/load-shapes.{md,json}.
+back, one pinned process per CPU, measured beside the level (with fewer clients than groups, that share of it).
+
+Beside each ratio, where the host's CPU went per request: the stack's processes (groups and nginx) and the
+client (wrk), against the model's own compute per item in the ceiling. On this host they share the CPUs the
+model runs on, so what the serving path and the client cost per request bounds the ratio (on an accelerator
+the model's compute leaves the CPU). Writes bench-results/load-shapes.{md,json}.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import ceiling, report, wrk
+from bench import ceiling, cpu, report, wrk
 from bench.__main__ import log
 from bench.memory import compile_with
 from bench.systems import one_model_stack
@@ -73,10 +78,20 @@ def main(argv: list[str] | None = None) -> int:
             items_per_s = best.items_per_s * min(1.0, level / len(cpus))
             row = {"concurrency": level, "ceiling_batch": batch, "ceiling_seq": seq,
                    "ceiling_items_per_s": items_per_s}
-            for label in systems:
+            # the model's own CPU per item at the best plan: every CPU busy with it
+            model_ms = 1000 * len(cpus) / best.items_per_s
+            for label, s in systems.items():
+                pids = [p.popen.pid for p in s.procs]
+                stack0, client0 = cpu.cpu_seconds(pids), cpu.children_seconds()
                 res = wrk.run(targets[label], level, DURATION, ramp_s=RAMP, timeout_s=60)
+                done = max(res.completed, 1)
+                stack_ms = 1000 * (cpu.cpu_seconds(pids) - stack0) / done
+                client_ms = 1000 * (cpu.children_seconds() - client0) / done
                 row[label] = {"throughput": res.throughput, "p50_ms": res.p50 * 1000, "p99_ms": res.p99 * 1000,
-                              "errors": res.errors, "over_ceiling": res.throughput / items_per_s}
+                              "errors": res.errors, "over_ceiling": res.throughput / items_per_s,
+                              "stack_cpu_ms": stack_ms, "client_cpu_ms": client_ms, "model_cpu_ms": model_ms,
+                              # CPU per request beyond the model's compute: serving path, front and client
+                              "overhead_cpu_ms": stack_ms + client_ms - model_ms}
             rows.append(row)
             log(f"  c={level}: ceiling {items_per_s:.0f}/s (batch {batch} x {seq}); " + "; ".join(
                 f"{label} {row[label]['throughput']:.0f}/s ({row[label]['over_ceiling']:.2f})" for label in systems))
@@ -94,6 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         a, b = r["padded to buckets"], r["own shape"]
         lines.append(f"| {r['concurrency']} | {r['ceiling_items_per_s']:.0f} | {a['throughput']:.0f} | "
                      f"{a['over_ceiling']:.2f} | {b['throughput']:.0f} | {b['over_ceiling']:.2f} |")
+    lines += ["", "Where the CPU went per request at the batch's own shape (ms of CPU): the model's compute per "
+              "item at the best plan, the stack (groups and nginx, the model's compute included) and the client (wrk); "
+              "the overhead is what the serving path, the front and the client take beyond the model's compute, "
+              "on the same CPUs:", "",
+              "| concurrency | model | stack | client | overhead | overhead / model |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        b = r["own shape"]
+        lines.append(f"| {r['concurrency']} | {b['model_cpu_ms']:.3f} | {b['stack_cpu_ms']:.3f} | "
+                     f"{b['client_cpu_ms']:.3f} | {b['overhead_cpu_ms']:.3f} | "
+                     f"{b['overhead_cpu_ms'] / b['model_cpu_ms']:.2f} |")
     report.save(args.out, "load-shapes", lines, {"when": when, "rows": rows})
     return 0
 
