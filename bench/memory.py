@@ -19,12 +19,15 @@ from pathlib import Path
 from bench import report
 from bench.__main__ import log
 from bench.systems import one_model_stack
-from bench.versus import checkout
+from bench.versus import checkout, earlier_templates
 from dev import random_models
 
 SHAPES = {"6 buckets": ([1, 4, 8], [64, 128]), "1 bucket": ([1], [128])}
 RUNS = [("6 buckets", 2), ("1 bucket", 1)]
-COMPILE = ("import sys, json; from pathlib import Path; from neuronserve.build.compile import compile_model; "
+# the module moved (neuronserve.compile before the layout of 0.2): whichever the tree has
+COMPILE = ("import sys, json; from pathlib import Path\n"
+           "try:\n    from neuronserve.build.compile import compile_model\n"
+           "except ImportError:\n    from neuronserve.compile import compile_model\n"
            "compile_model(Path(sys.argv[1]), Path(sys.argv[2]), name='minilm', task='feature-extraction', "
            "backend='cpu', target='cpu', batch_sizes=json.loads(sys.argv[3]), "
            "sequence_lengths=json.loads(sys.argv[4]))")
@@ -45,7 +48,8 @@ def resident_mib(repo: Path, work: Path, copies: int, tree: Path | None) -> floa
 
     stack = one_model_stack(work, repo, {"task": "feature-extraction", "groups": 1, "copies": copies},
                             name="minilm", cpus=sorted(os.sched_getaffinity(0))[:1], nginx=False,
-                            env={"PYTHONPATH": str(tree)} if tree else None)
+                            env={"PYTHONPATH": str(tree)} if tree else None,
+                            templates=earlier_templates() if tree else None)
     stack.start()
     try:
         stack.wait_ready(600)

@@ -34,8 +34,18 @@ PAYLOAD = {"question": QUESTION, "context": CONTEXT}
 
 
 
+def override_templates(layout, templates: dict[str, str] | None):
+    """`layout` with these template overrides written to its /etc/neuronserve/templates (an earlier commit's
+    code served with this checkout's rendering: bench/versus.py)."""
+    for name, text in (templates or {}).items():
+        layout.template_override_dir.mkdir(parents=True, exist_ok=True)
+        (layout.template_override_dir / name).write_text(text)
+    return layout
+
+
 def one_model_stack(work: Path, repo: Path, keys: dict, *, name: str, backend: str = "cpu",
-                    cpus: list[int] | None = None, nginx: bool = True, env: dict | None = None):
+                    cpus: list[int] | None = None, nginx: bool = True, env: dict | None = None,
+                    templates: dict[str, str] | None = None):
     """An unstarted Stack serving repo/<name> as [models.<name>] with `keys` (task, groups, copies, ...), on free
     loopback ports, gRPC off; `cpus` for the CPU backend (default: this process's), other backends discovered."""
     from neuronserve import config
@@ -65,7 +75,7 @@ grpc_listen = ""
     cfg = config.load(path, dropins=False)
     host = cpu_devices.discover(set(cpus)) if backend == "cpu" and cpus else discover_host(backend)
     plan = make_plan(cfg, host, python=sys.executable)
-    return Stack(plan, Layout(work / "root", cfg), nginx=nginx, grace_s=10, env=env)
+    return Stack(plan, override_templates(Layout(work / "root", cfg), templates), nginx=nginx, grace_s=10, env=env)
 
 
 def _request(method: str, url: str, body: bytes | None = None, timeout: float = 300.0) -> tuple[int, bytes]:
@@ -83,10 +93,11 @@ class NeuronserveSystem:
 
     def __init__(self, name: str, root: Path, cpus: list[int], *, copies: int = 1, threads_per_copy: int = 1,
                  max_batch_delay_ms: float = 1.0, batch_sizes: list[int] | None = None, task: str | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, templates: dict[str, str] | None = None):
         from bench.models import TASK
 
         self.name, self.root, self.cpus, self.env = name, root, cpus, env
+        self.templates = templates or {}        # template overrides by name (/etc/neuronserve/templates)
         self.tuning = dict(copies=copies, threads_per_copy=threads_per_copy, max_batch_delay_ms=max_batch_delay_ms)
         self.batch_sizes = batch_sizes
         self.task = task or TASK
@@ -139,7 +150,8 @@ max_queue = 1024
         cfg = config.load(path, dropins=False)
         host = cpu_devices.discover(set(self.cpus))
         plan = make_plan(cfg, host, python=sys.executable)
-        self.stack = Stack(plan, Layout(work / "root", cfg), nginx=True, grace_s=10, env=self.env)
+        self.stack = Stack(plan, override_templates(Layout(work / "root", cfg), self.templates), nginx=True,
+                           grace_s=10, env=self.env)
         self.stack.start()
         try:
             self.stack.wait_ready(600)

@@ -38,6 +38,16 @@ def checkout(rev: str, work: Path) -> tuple[str, Path]:
     return sha, tree
 
 
+def earlier_templates() -> dict[str, str]:
+    """Template overrides for an earlier commit's workers: this checkout's gunicorn config without the systemd
+    notify hook, which that code may not have (outside systemd the hook does nothing)."""
+    import neuronserve
+
+    text = (Path(neuronserve.__file__).parent / "templates" / "gunicorn.conf.py.j2").read_text()
+    return {"gunicorn.conf.py.j2": "".join(line for line in text.splitlines(True)
+                                           if "systemd_notify" not in line and "READY=1" not in line)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.versus", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run([sys.executable, "-c", PREPARE, NAME, str(before_root)], cwd=tree, check=True)
     models.prepare(NAME, work, log=log)
     common = dict(batch_sizes=models.BATCH_SIZES[NAME], **TUNING)
-    systems = {sha: NeuronserveSystem(NAME, before_root, cpus, env={"PYTHONPATH": str(tree)}, **common),
+    systems = {sha: NeuronserveSystem(NAME, before_root, cpus, env={"PYTHONPATH": str(tree)},
+                                      templates=earlier_templates(), **common),
                "this checkout": NeuronserveSystem(NAME, work, cpus, **common)}
     rows: dict[str, list[dict]] = {label: [] for label in systems}
     try:

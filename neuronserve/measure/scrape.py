@@ -37,6 +37,11 @@ class Counters:
     ready: float | None = None
 
 
+# series summed over every group and copy of a scrape, by the Counters field they add to
+SUMMED = {"batch_fill_sum": "fill_sum", "batch_fill_count": "fill_count", "busy_seconds_total": "busy_seconds",
+          "inferences_total": "inferences", "tokens_total": "tokens", "token_slots_total": "token_slots"}
+
+
 def parse(text: str) -> Counters:
     """Prometheus exposition text -> Counters. Unknown metrics are ignored; malformed text raises ValueError."""
     c = Counters()
@@ -55,19 +60,10 @@ def parse(text: str) -> Counters:
                 buckets[float(labels["le"])] += value
             elif name == "queue_depth":
                 c.queue_depth = (c.queue_depth or 0.0) + value
-            elif name == "batch_fill_sum":
-                c.fill_sum += value
-            elif name == "batch_fill_count":
-                c.fill_count += value
-            elif name == "busy_seconds_total":
-                c.busy_seconds += value
-                busy_copies.add((labels.get("group"), labels.get("copy")))
-            elif name == "inferences_total":
-                c.inferences += value
-            elif name == "tokens_total":
-                c.tokens += value
-            elif name == "token_slots_total":
-                c.token_slots += value
+            elif name in SUMMED:
+                setattr(c, SUMMED[name], getattr(c, SUMMED[name]) + value)
+                if name == "busy_seconds_total":
+                    busy_copies.add((labels.get("group"), labels.get("copy")))
             elif name == "requests_in_flight":
                 c.in_flight = (c.in_flight or 0.0) + value
             elif name == "ready":
