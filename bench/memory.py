@@ -24,10 +24,11 @@ from dev import random_models
 
 SHAPES = {"6 buckets": ([1, 4, 8], [64, 128]), "1 bucket": ([1], [128])}
 RUNS = [("6 buckets", 2), ("1 bucket", 1)]
-# the module moved (neuronserve.compile before the layout of 0.2): whichever the tree has
+# the module moved (neuronserve.compile before the layout of 0.2): whichever the tree has, the old name first (the
+# editable install's finder maps the new subpackage to this checkout even when the tree's package is imported)
 COMPILE = ("import sys, json; from pathlib import Path\n"
-           "try:\n    from neuronserve.build.compile import compile_model\n"
-           "except ImportError:\n    from neuronserve.compile import compile_model\n"
+           "try:\n    from neuronserve.compile import compile_model\n"
+           "except ImportError:\n    from neuronserve.build.compile import compile_model\n"
            "compile_model(Path(sys.argv[1]), Path(sys.argv[2]), name='minilm', task='feature-extraction', "
            "backend='cpu', target='cpu', batch_sizes=json.loads(sys.argv[3]), "
            "sequence_lengths=json.loads(sys.argv[4]))")
