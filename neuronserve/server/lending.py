@@ -46,8 +46,12 @@ from neuronserve.server.clock import REAL, Clock
 log = logging.getLogger("neuronserve.server")
 
 # owner's mean busy spell and idle gap (seconds), monotonic end of its last busy spell, start of the one it is in
-# (0 while idle)
-SLOT = struct.Struct("dddd")
+# (0 while idle), behind a sequence number the owner makes odd while it writes: other groups read the four
+# values from another process at any moment, and a read that saw a write in progress (odd, or changed) is retried
+SEQ_SIZE, SLOT = 8, struct.Struct("dddd")
+SLOT_SIZE = SEQ_SIZE + SLOT.size
+READ_TRIES = 10_000             # a write takes about a microsecond: a read retried this often gets a whole one
+STUCK_READS = 1_000             # the same odd number this many reads in a row: an owner killed mid-write
 # borrow from a group only if it has been busy less than this share of the time: one that serves a steady
 # stream (busy ~100 %, idle for a client's round trip between batches) keeps its CPUs
 BUSY_BELOW = 0.75
@@ -83,9 +87,10 @@ class _CpuFile:
         path = cpu_file(directory, cpu)
         self.fd = _open(path)
         self.owner_fd = _open(path.with_name(path.name + ".owner"))
-        if os.fstat(self.fd).st_size < SLOT.size:
-            os.ftruncate(self.fd, SLOT.size)
-        self.slot = mmap.mmap(self.fd, SLOT.size)
+        if os.fstat(self.fd).st_size < SLOT_SIZE:
+            os.ftruncate(self.fd, SLOT_SIZE)
+        self.slot = mmap.mmap(self.fd, SLOT_SIZE)
+        self.seq = sequence(self.slot)
 
     def try_lock(self, how: int) -> bool:
         return _try_lock(self.fd, how)
@@ -100,7 +105,7 @@ class _CpuFile:
         return True
 
     def owner_busy_share(self, now: float) -> float:
-        busy, gap, last_end, since = SLOT.unpack_from(self.slot)
+        busy, gap, last_end, since = read_slot(self.slot)
         if since:
             return 1.0
         # the current idle spell counts once it is longer than the usual gap
@@ -117,7 +122,36 @@ class _CpuFile:
         return False
 
     def publish(self, busy: float, gap: float, last_end: float, since: float = 0.0) -> None:
-        SLOT.pack_into(self.slot, 0, busy, gap, last_end, since)
+        """Only the CPU's own group writes its slot."""
+        seq = self.seq[0]
+        seq += seq % 2                  # even again after an owner that died mid-write
+        self.seq[0] = seq + 1
+        SLOT.pack_into(self.slot, SEQ_SIZE, busy, gap, last_end, since)
+        self.seq[0] = seq + 2
+
+
+def sequence(buffer) -> memoryview:
+    """A slot's sequence number as one aligned 8-byte word, read and written in one access (struct.pack_into
+    zeroes its field before it writes, and a reader in between would take the zero for a finished write)."""
+    return memoryview(buffer)[:SEQ_SIZE].cast("Q")
+
+
+def read_slot(buffer) -> tuple[float, float, float, float]:
+    """(busy, gap, last_end, since) of a slot (an mmap, or bytes read from its file), never half of one write."""
+    seq = sequence(buffer)
+    stuck, last = 0, None
+    for _ in range(READ_TRIES):
+        before = seq[0]
+        values = SLOT.unpack_from(buffer, SEQ_SIZE)
+        after = seq[0]
+        if before == after:
+            if before % 2 == 0:
+                return values
+            stuck = stuck + 1 if before == last else 0
+            if stuck >= STUCK_READS:
+                return values       # its last values as they are: the group is gone, its CPU soon unowned
+            last = before
+    return values
 
 
 def for_group(settings, on_lent: Callable[[], None]) -> "Lending | None":

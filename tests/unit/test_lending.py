@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from neuronserve.server.lending import LENT_WINDOW, REVISIT, SLOT, SMOOTHING, Lending, cpu_file
+from neuronserve.server.lending import LENT_WINDOW, REVISIT, SLOT_SIZE, SMOOTHING, Lending, cpu_file, read_slot
 from simclock import SimulatedClock
 
 CPUS = sorted(os.sched_getaffinity(0))
@@ -111,14 +111,14 @@ def test_the_owner_publishes_its_load(groups, tmp_path):
             clock.advance(batch)
         clock.advance(gap)
     with open(cpu_file(tmp_path, B_CPU), "rb") as f:
-        busy, gap_mean, last_end, since = SLOT.unpack(f.read(SLOT.size))
+        busy, gap_mean, last_end, since = read_slot(f.read(SLOT_SIZE))
     # running means from 0: three batches, two gaps (the first batch follows none)
     assert busy == pytest.approx(batch * (1 - SMOOTHING ** 3)) and gap_mean == pytest.approx(gap * (1 - SMOOTHING ** 2))
     assert last_end == clock.monotonic() - gap and since == 0
     # while it has work, running or waiting, it says so, and is not borrowed from whatever its history
     with seat.run(BUCKET, lone=False):
         with open(cpu_file(tmp_path, B_CPU), "rb") as f:
-            assert SLOT.unpack(f.read(SLOT.size))[3] == last_end + gap
+            assert read_slot(f.read(SLOT_SIZE))[3] == last_end + gap
         assert b._publisher[0].owner_busy_share(clock.monotonic()) == 1.0
 
 
@@ -168,7 +168,7 @@ def test_the_owner_waits_for_a_lent_batch_then_runs(groups):
     # the wait counts as b's busy time: b was loaded, not idle, so a's next lone batch leaves b's CPU alone
     # (counted as idle, it made two loaded groups take turns borrowing each other's CPU)
     with open(cpu_file(b.directory, B_CPU), "rb") as f:
-        busy, gap, last_end, since = SLOT.unpack(f.read(SLOT.size))
+        busy, gap, last_end, since = read_slot(f.read(SLOT_SIZE))
     assert busy == (1 - SMOOTHING) * (last_end - started) and last_end == released_at + POLL
     with a.seat().run(BUCKET, lone=True):
         assert os.sched_getaffinity(0) == {A_CPU}
@@ -271,3 +271,34 @@ def test_lending_decides_on_recent_lent_batches_and_tries_again(groups):
     for _ in range(LENT_WINDOW):
         a.record(BUCKET, 0.030, lent=True)              # the other group is idle again: lending pays
     assert a.lends(BUCKET)
+
+
+def _publish_many(directory, count: int) -> None:
+    from neuronserve.server.lending import _CpuFile
+
+    slot = _CpuFile(directory, 0)
+    for i in range(1, count + 1):
+        slot.publish(float(i), float(i), float(i), float(i))
+
+
+def test_a_slot_is_read_whole_while_its_owner_writes_it_from_another_process(tmp_path):
+    """Other groups read an owner's four values at any moment: every read is one whole write (here all four
+    equal), and a slot an owner left odd (killed mid-write) is still read, then written again."""
+    import multiprocessing
+
+    from neuronserve.server.lending import _CpuFile
+
+    reader = _CpuFile(tmp_path, 0)
+    writer = multiprocessing.get_context("fork").Process(target=_publish_many, args=(tmp_path, 200_000))
+    writer.start()
+    reads = 0
+    while writer.is_alive() or reads == 0:
+        values = read_slot(reader.slot)
+        assert len(set(values)) == 1, values
+        reads += 1
+    writer.join(60)
+    assert writer.exitcode == 0 and read_slot(reader.slot) == (200_000.0,) * 4
+    reader.seq[0] += 1          # a write that never finished
+    assert read_slot(reader.slot) == (200_000.0,) * 4
+    reader.publish(1.0, 2.0, 3.0, 0.0)
+    assert read_slot(reader.slot) == (1.0, 2.0, 3.0, 0.0) and reader.seq[0] % 2 == 0
