@@ -11,6 +11,10 @@ from pathlib import Path
 from neuronserve.config import Config
 
 
+# the file neuronserve owns in a unit's drop-in directory
+DROPIN = "10-neuronserve.conf"
+
+
 @dataclass(frozen=True)
 class Layout:
     root: Path
@@ -68,4 +72,4 @@ class Layout:
     def dropin_path(self, unit: str) -> Path:
         """The drop-in neuronserve owns for a unit; a sysadmin's `systemctl edit` writes override.conf beside it,
         which sorts after it and so wins."""
-        return self.unit_dir / f"{unit}.d" / "10-neuronserve.conf"
+        return self.unit_dir / f"{unit}.d" / DROPIN

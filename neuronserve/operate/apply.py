@@ -219,7 +219,7 @@ class Applier:
         groups = self.plan.groups
         running = running_groups(self.plan, self.systemctl)
         # groups serving from a legacy unit: moved onto their instance one at a time, like a changed group
-        legacy = {g.name for g in groups if self.systemctl.is_active(g.legacy_unit) == "active"}
+        legacy = {g.name for g in groups if running.get(g.name) == g.legacy_unit}
         new = [g for g in groups if g.name not in running]
         planned_legacy = {g.legacy_unit for g in groups}
         stale = render.stale_units(self.layout, self.plan)
@@ -323,13 +323,17 @@ def group_files(layout: Layout, g: Group) -> set[Path]:
     return {layout.dropin_path(g.unit), layout.gunicorn_conf(g.name)}
 
 
-def running_groups(plan: Plan, systemctl: Systemctl) -> set[str]:
-    """Groups serving now, from their instance or from a legacy unit."""
-    return {g.name for g in plan.groups
-            if "active" in (systemctl.is_active(g.unit), systemctl.is_active(g.legacy_unit))}
+def running_groups(plan: Plan, systemctl: Systemctl) -> dict[str, str]:
+    """Groups serving now, by name: the unit each serves from, its instance or a legacy unit."""
+    running = {}
+    for g in plan.groups:
+        unit = next((u for u in (g.unit, g.legacy_unit) if systemctl.is_active(u) == "active"), None)
+        if unit is not None:
+            running[g.name] = unit
+    return running
 
 
-def groups_to_roll(plan: Plan, layout: Layout, running: set[str], changes: list[render.Change],
+def groups_to_roll(plan: Plan, layout: Layout, running: dict[str, str], changes: list[render.Change],
                    restart_all: bool) -> list[Group]:
     changed = {c.path for c in changes}
     return [g for g in plan.groups if g.name in running and (restart_all or group_files(layout, g) & changed)]
