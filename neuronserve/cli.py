@@ -518,6 +518,56 @@ def cleanup_cmd(config_path, dry_run):
 
 
 
+@main.command("drain")
+@config_option
+@backend_option
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"), show_default=True,
+              help="The root the stack runs under (`neuronserve up --root DIR`); / for the systemd units.")
+@click.option("--quiet", "quiet_s", type=click.FloatRange(0), default=5.0, show_default=True, metavar="SECONDS",
+              help="Drained once no request came for this long and none is in flight; set it above the load "
+                   "balancer's health-check interval x its fall count.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(0, min_open=True), default=120.0, show_default=True,
+              metavar="SECONDS", help="Give up (exit 1, the host stays drained) if requests still arrive after this.")
+@click.option("--no-wait", is_flag=True, help="Only turn the front unready; do not wait for the requests to stop.")
+@fail_cleanly
+def drain_cmd(config_path, backend, root, quiet_s, timeout_s, no_wait):
+    """Take this host out of its fleet's load balancer: the front's readiness turns 503.
+
+    \b
+    The front's /v2/health/ready answers 503 from now on (the flag file
+    /var/lib/neuronserve/drained; it survives a reboot), so a load balancer that
+    health-checks it stops sending. Requests that still arrive are served. drain
+    returns once no request came for --quiet seconds and none is in flight: the
+    groups can then be stopped, upgraded or applied without a failed request.
+
+    \b
+    A rolling upgrade, one host at a time:
+      neuronserve drain                    # out of the load balancer, in-flight answered
+      apt install ./neuronserve_*.deb      # or: edit neuronserve.toml
+      neuronserve apply --restart
+      neuronserve undrain                  # back in after the balancer's next checks
+    """
+    from neuronserve.context import HostContext
+    from neuronserve.operate import drain
+
+    ctx = HostContext(load_config(config_path, backend), root.resolve())
+    drain.drain(ctx.plan, ctx.layout, quiet_s=quiet_s, timeout_s=timeout_s, wait=not no_wait, progress=click.echo)
+
+
+@main.command("undrain")
+@config_option
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"), show_default=True,
+              help="The root the stack runs under (`neuronserve up --root DIR`); / for the systemd units.")
+@fail_cleanly
+def undrain_cmd(config_path, root):
+    """Put a drained host back: the front's /v2/health/ready answers from the groups again."""
+    from neuronserve.layout import Layout
+    from neuronserve.operate import drain
+
+    if not drain.undrain(Layout(root.resolve(), load_config(config_path)), progress=click.echo):
+        click.echo("not drained: nothing to do")
+
+
 @main.command("render")
 @config_option
 @backend_option

@@ -59,6 +59,12 @@ class Layout:
         return self.under("/var/lib/neuronserve")
 
     @property
+    def drain_flag(self) -> Path:
+        """Present while the host is drained: the front's readiness answers 503 (`neuronserve drain`). State, not
+        runtime: a drained host that reboots stays out of its load balancer until `neuronserve undrain`."""
+        return self.state_dir / "drained"
+
+    @property
     def model_repository(self) -> Path:
         # the model repository is data, not rendered output: it is never moved under a scratch root
         return self.config.server.model_repository

@@ -230,7 +230,7 @@ def _nginx_context(plan: Plan, layout: Layout, down: frozenset[str]) -> dict:
             {"id": m, "object": "model", "created": 0, "owned_by": "neuronserve"} for m in models]}),
         auth_map=auth_map_path(layout) if ng.auth_token_file else None,
         rate_limit=ng.rate_limit, burst=burst,
-        access_log=front_access_log(layout),
+        access_log=front_access_log(layout), drain_flag=layout.drain_flag,
         upstream_idle_s=NGINX_UPSTREAM_IDLE_S,
         # the group answers 504 itself at timeout_s; nginx waits a little longer so that answer gets through
         proxy_timeout_s=int(plan.config.server.timeout_s) + 5)

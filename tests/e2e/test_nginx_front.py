@@ -1,5 +1,5 @@
 """The nginx front for real: per-model routing, bearer-token auth (401), per-client rate limit (429), a token
-that never reaches a log, and failover when a group dies."""
+that never reaches a log, failover when a group dies, and a drained host."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,7 @@ import time
 import httpx
 import pytest
 
+from neuronserve.operate import drain
 from neuronserve.render import auth_map_path, front_access_log
 
 TOKEN = "e2e-Token_0123456789abcdef"
@@ -105,3 +106,27 @@ def test_a_dead_group_is_routed_around(stack_factory):
     assert codes == [200] * 10
     # nginx saw the dead group refuse and sent the request on (at most once per fail_timeout)
     assert "connect() failed" in (s.layout.state_dir / "nginx-error.log").read_text()
+
+
+def test_drain_turns_the_front_unready_and_still_serves(stack):
+    """The fleet's view of one host: drained, the front's readiness is 503 (live stays 200) while requests that
+    still come are answered; each group's /metrics is reachable through the front for another host's Prometheus."""
+    front = stack.front_url
+    assert httpx.get(front + "/v2/health/ready", timeout=10).status_code == 200
+    lines: list[str] = []
+    try:
+        waited = drain.drain(stack.plan, stack.layout, quiet_s=1.0, timeout_s=30.0, progress=lines.append)
+        assert waited >= 1.0 and "drained: no request for 1 s" in lines[-1]
+        r = httpx.get(front + "/v2/health/ready", timeout=10)
+        assert r.status_code == 503 and "neuronserve undrain" in r.json()["error"]
+        assert httpx.get(front + "/v2/health/live", timeout=10).status_code == 200
+        r = httpx.post(front + "/models/emb", json={"inputs": "still served while drained"}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        assert drain.undrain(stack.layout)
+    assert httpx.get(front + "/v2/health/ready", timeout=10).status_code == 200
+    assert not drain.undrain(stack.layout)          # already back: nothing to remove
+    for g in stack.plan.groups:
+        text = httpx.get(f"{front}/_neuronserve/metrics/{g.name}", timeout=10).text
+        ready = [line for line in text.splitlines() if line.startswith("neuronserve_ready{")]
+        assert ready == [f'neuronserve_ready{{group="{g.name}",model="emb"}} 1.0'], text[:500]
