@@ -51,6 +51,7 @@ class Status:
     target: str
     groups: list[GroupStatus]
     holders: list[HolderStatus]
+    drained: bool = False       # `neuronserve drain`: the front answers its readiness with 503
 
 
 def unit_of(pid: int, proc: Path = Path("/proc")) -> str | None:
@@ -90,7 +91,7 @@ def classify(plan: Plan, holders: list[Holder], active_units: set[str],
 
 def collect(plan: Plan, *, systemctl: Systemctl | None = None, probe: Probe | None = None,
             holders: list[Holder] | None = None, unit_of: Callable[[int], str | None] = unit_of,
-            interval_s: float = 1.0, sleep=time.sleep, clock=time.monotonic) -> Status:
+            drained: bool = False, interval_s: float = 1.0, sleep=time.sleep, clock=time.monotonic) -> Status:
     systemctl = systemctl or Systemctl()
     probe = probe or Probe()
     rows, before = [], {}
@@ -115,11 +116,13 @@ def collect(plan: Plan, *, systemctl: Systemctl | None = None, probe: Probe | No
                 row.rps = scrape.rates(scrape.parse(text0), scrape.parse(text1), dt).rps
     active = {r.unit for r in rows if r.state.startswith("active ")}
     return Status(backend=plan.host.backend, target=systemctl.is_active(TARGET), groups=rows,
-                  holders=classify(plan, holders if holders is not None else plan.host.holders, active, unit_of))
+                  holders=classify(plan, holders if holders is not None else plan.host.holders, active, unit_of),
+                  drained=drained)
 
 
 def as_text(status: Status) -> str:
-    lines = [f"{TARGET}: {status.target}   backend: {status.backend}",
+    drained = "   front: DRAINED (readiness 503; `neuronserve undrain` re-admits)" if status.drained else ""
+    lines = [f"{TARGET}: {status.target}   backend: {status.backend}{drained}",
              f"{'GROUP':<20} {'STATE':<22} {'PID':>7} {'RESTARTS':>8} {'CORES':<8} {'PORT':<6} {'READY':<6} REQ/S"]
     for r in status.groups:
         lines.append(f"{r.name:<20} {r.state:<22} {r.pid or '-':>7} {'-' if r.restarts is None else r.restarts:>8} "

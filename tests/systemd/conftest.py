@@ -193,24 +193,46 @@ class Container:
         target.write_text(text)
 
 
+def _torn_down(box: Container) -> None:
+    box.shutdown()
+    assert (box.state / "torn-down").exists() or box.leader is None, f"no teardown record:\n{box.diagnostics()}"
+    assert subprocess.run(["mountpoint", "-q", str(box.state / "merged")]).returncode != 0, "overlay left mounted"
+
+
 @pytest.fixture(scope="module")
-def container(tmp_path_factory):
-    """A container to boot: fill `container.seed` (copied over its root), then call `container.boot()`."""
+def containers(tmp_path_factory):
+    """make() -> a new container to boot (fill its `seed`, then `boot()`); every one made is torn down at the end
+    of the module, and the host's cgroups are checked to be as they were."""
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
     before = Path("/proc/1/cgroup").read_text()
     mine = Path("/proc/self/cgroup").read_text()
-    state = tmp_path_factory.mktemp(f"nspawn-{uuid.uuid4().hex[:6]}")
-    box = Container(state)
-    why, box.nspawn_args = runtime_seed(box.seed)
-    if why:
-        pytest.skip(why)
+    made: list[Container] = []
+
+    def make() -> Container:
+        box = Container(tmp_path_factory.mktemp(f"nspawn-{uuid.uuid4().hex[:6]}"))
+        why, box.nspawn_args = runtime_seed(box.seed)
+        if why:
+            pytest.skip(why)
+        made.append(box)
+        return box
+
     try:
-        yield box
+        yield make
     finally:
-        box.shutdown()
-        assert (state / "torn-down").exists() or box.leader is None, f"no teardown record:\n{box.diagnostics()}"
-        assert not subprocess.run(["mountpoint", "-q", str(state / "merged")]).returncode == 0, "overlay left mounted"
+        failures = []
+        for box in made:            # every one, even after one failed to tear down
+            try:
+                _torn_down(box)
+            except (AssertionError, RuntimeError) as e:
+                failures.append(str(e))
+        assert not failures, "\n".join(failures)
         assert Path("/proc/1/cgroup").read_text() == before, "the host's PID 1 changed cgroups"
         assert Path("/proc/self/cgroup").read_text() == mine, "pytest changed cgroups"
+
+
+@pytest.fixture(scope="module")
+def container(containers):
+    """A container to boot: fill `container.seed` (copied over its root), then call `container.boot()`."""
+    return containers()

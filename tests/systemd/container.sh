@@ -58,11 +58,14 @@ mkdir -p "$rw/upper" "$rw/work"
 mount -t overlay neuronserve-test -o "lowerdir=/,upperdir=$rw/upper,workdir=$rw/work" "$merged" || exit 1
 if [ -d "$state/seed" ]; then cp -a --remove-destination "$state/seed/." "$merged/" || exit 1; fi
 
+# a network of its own: a fresh one, unless the caller gives a namespace it made (a fleet test's host)
+net=--private-network
+for arg in "$@"; do case $arg in --network-namespace-path=*) net= ;; esac; done
+
 for dir in $(hierarchies); do mkdir -p "$dir" || exit 1; done
 (
     for dir in $(hierarchies); do echo "$BASHPID" > "$dir/cgroup.procs" || exit 1; done
-    exec systemd-nspawn --quiet -D "$merged" --boot --register=no --keep-unit --console=pipe \
-        --private-network "$@"
+    exec systemd-nspawn --quiet -D "$merged" --boot --register=no --keep-unit --console=pipe $net "$@"
 ) </dev/null >"$state/console.log" 2>&1 &
 nspawn=$!
 echo "$nspawn" > "$state/nspawn.pid"

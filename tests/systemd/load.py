@@ -3,7 +3,8 @@
 usage: load.py URL BODY CONCURRENCY STOP_FILE MAX_SECONDS
 Runs in the container's network namespace (the test starts it with `nsenter -n`). Each request opens its own
 connection, so a failure is the server's doing and never a client reusing a keep-alive connection nginx just
-closed. Stops when STOP_FILE exists (or after MAX_SECONDS) and prints one JSON summary line.
+closed. Stops when STOP_FILE exists (or after MAX_SECONDS) and prints one JSON summary line; each failure in it is
+[started, kind, seconds taken], started counted from "t0" (CLOCK_MONOTONIC, the machine's).
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def main() -> None:
                     stats["failed"] += 1
                     kind = error or f"HTTP {code}"
                     stats["errors"][kind] = stats["errors"].get(kind, 0) + 1
-                    stats["failures"].append([round(start - t0, 2), kind])
+                    stats["failures"].append([round(start - t0, 2), kind, round(took, 3)])
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for t in threads:
@@ -61,6 +62,7 @@ def main() -> None:
     for t in threads:
         t.join(timeout=70)
     stats["seconds"] = round(time.monotonic() - t0, 1)
+    stats["t0"] = t0        # CLOCK_MONOTONIC is the machine's: the test places the failures on its own timeline
     stats["failures"] = stats["failures"][:50]
     print(json.dumps(stats), flush=True)
 

@@ -46,12 +46,15 @@ def wait_until(fn, timeout: float, what: str):
 
 
 class Load:
-    """tests/systemd/load.py in the container's network namespace, through nginx."""
+    """tests/systemd/load.py in the container's network namespace, through nginx; or, with `box` None, on the host
+    (a fleet's clients, through its load balancer), its stop file in `state`."""
 
-    def __init__(self, box, concurrency: int, max_s: float = 240, url: str = FRONT, body: str = BODY):
-        self.stop_file = box.state / f"stop-{time.monotonic_ns()}"
-        self.proc = box.popen_in_netns([sys.executable, str(LOAD), url, body, str(concurrency),
-                                        str(self.stop_file), str(max_s)], stdout=subprocess.PIPE, text=True)
+    def __init__(self, box, concurrency: int, max_s: float = 240, url: str = FRONT, body: str = BODY,
+                 state: Path | None = None):
+        self.stop_file = (state or box.state) / f"stop-{time.monotonic_ns()}"
+        argv = [sys.executable, str(LOAD), url, body, str(concurrency), str(self.stop_file), str(max_s)]
+        self.proc = (box.popen_in_netns(argv, stdout=subprocess.PIPE, text=True) if box
+                     else subprocess.Popen(argv, stdout=subprocess.PIPE, text=True))
 
     def finish(self) -> dict:
         self.stop_file.touch()

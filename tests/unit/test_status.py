@@ -67,7 +67,15 @@ def test_groups_state_pid_ready_and_requests_per_second(tmp_path):
     assert f"systemctl show {U0} --property=ActiveState,SubState,MainPID,NRestarts" in calls
     assert st.target == "active" and not status.healthy(st)
     text = status.as_text(st)
-    assert "tiny-0" in text and "30.0" in text and "auto-restart" in text
+    assert "tiny-0" in text and "30.0" in text and "auto-restart" in text and "DRAINED" not in text
+
+
+def test_a_drained_host_says_so(tmp_path):
+    sc, _ = systemctl({})
+    st = status.collect(neuron_plan(tmp_path), systemctl=sc, probe=Probe({}), holders=[], drained=True,
+                        sleep=lambda s: None)
+    assert status.as_text(st).splitlines()[0].endswith("front: DRAINED (readiness 503; `neuronserve undrain` re-admits)")
+    assert '"drained": true' in status.as_json(st)
 
 
 def test_holders_inside_their_groups_unit_are_fine_and_the_others_are_stale(tmp_path):
