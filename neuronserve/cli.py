@@ -574,8 +574,16 @@ def undrain_cmd(config_path, root):
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"), show_default=True,
               help="Write under this directory instead of / (to inspect or diff the files).")
 @click.option("--dry-run", is_flag=True, help="Print the diffs only; write nothing.")
+@click.option("--prometheus", "prometheus_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="DIR",
+              help="Instead of this host's files, write a Prometheus setup for the fleet into DIR: prometheus.yml, "
+                   "neuronserve-targets.yml (every group of every [monitoring] host, scraped through that "
+                   "host's nginx front at /_neuronserve/metrics/<group>) and neuronserve-rules.yml (recording "
+                   "rules, and alerts at [monitoring]'s thresholds). The groups are this host's plan: run it on "
+                   "a serving host, copy DIR to the Prometheus host and check it with `promtool check config "
+                   "DIR/prometheus.yml`.")
 @fail_cleanly
-def render_cmd(config_path, backend, root, dry_run):
+def render_cmd(config_path, backend, root, dry_run, prometheus_dir):
     """Write the systemd units, gunicorn configs and nginx front for this host's plan; print the diffs.
 
     \b
@@ -596,12 +604,18 @@ def render_cmd(config_path, backend, root, dry_run):
 
     ctx = HostContext(load_config(config_path, backend), root.resolve())
     plan, layout = ctx.plan, ctx.layout
-    changes = render.write_files(render.render_files(plan, layout), dry_run=dry_run)
+    if prometheus_dir:
+        from neuronserve import monitoring
+
+        files, where = monitoring.render_prometheus(plan, layout, prometheus_dir), prometheus_dir
+    else:
+        files, where = render.render_files(plan, layout), root
+    changes = render.write_files(files, dry_run=dry_run)
     for c in changes:
         click.echo(c.diff, nl=False)
     verb = "would change" if dry_run else "changed"
-    click.echo(f"{verb} {len(changes)} file(s)" + (f" under {root}" if root != Path("/") else ""))
-    stale = render.stale_units(layout, plan)
+    click.echo(f"{verb} {len(changes)} file(s)" + (f" under {where}" if where != Path("/") else ""))
+    stale = [] if prometheus_dir else render.stale_units(layout, plan)
     if stale:
         click.echo("no longer planned (`neuronserve apply` removes them): " + ", ".join(stale))
 

@@ -157,6 +157,35 @@ class CpuSection(_Section):
                                 "CPUs: re-sizing torch's thread pools costs milliseconds of CPU around a lent batch")
 
 
+class MonitoringSection(_Section):
+    """What `neuronserve render --prometheus DIR` writes for Prometheus: scrape targets and alert thresholds."""
+
+    hosts: list[str] = Field([], description="address:port of each host's nginx front that Prometheus scrapes "
+                                             "(every host serving this config's groups); empty: this host's "
+                                             "nginx.listen")
+    scrape_interval_s: int = Field(15, ge=1, le=300, description="how often Prometheus scrapes each group and "
+                                                                 "evaluates the rules; rates span 4 of them")
+    p99_objective_ms: float = Field(500.0, gt=0, description="alert when a group's p99 request time stays above "
+                                                             "this")
+    queue_saturation: float = Field(0.8, gt=0, le=1, description="alert when a group's queue stays fuller than "
+                                                                 "this share of its max_queue")
+    padding_waste: float = Field(0.5, gt=0, lt=1, description="alert when more than this share of the token "
+                                                              "positions a group executes is padding (add "
+                                                              "buckets closer to the traffic's lengths)")
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        # written into the targets file and dialled by Prometheus: only address:port gets through
+        for host in v:
+            m = re.fullmatch(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})", host)
+            if not m or not 1 <= int(m.group(1)) <= 65535:
+                raise ValueError(f"{host!r} is not address:port, e.g. '10.0.0.5:8080' or '[fd00::5]:8080'")
+        if len(set(v)) != len(v):
+            raise ValueError("a host is listed twice")
+        return v
+
+
 class ModelSection(_Section):
     """One served model: [models.<name>]."""
 
@@ -218,6 +247,7 @@ class Config(_Section):
     neuron: NeuronSection = NeuronSection()
     cuda: CudaSection = CudaSection()
     cpu: CpuSection = CpuSection()
+    monitoring: MonitoringSection = MonitoringSection()
     models: dict[str, ModelSection] = Field(default_factory=dict)
     # where it came from, for messages; not a key in the file
     sources: list[Path] = Field(default_factory=list, exclude=True)
@@ -365,7 +395,7 @@ def _close_keys(loc: tuple) -> str:
     import difflib
 
     sections = {"server": ServerSection, "nginx": NginxSection, "neuron": NeuronSection,
-                "cuda": CudaSection, "cpu": CpuSection}
+                "cuda": CudaSection, "cpu": CpuSection, "monitoring": MonitoringSection}
     if len(loc) == 1:
         names = [n for n in Config.model_fields if n != "sources"]
     elif loc[0] == "models" and len(loc) == 3:
@@ -396,7 +426,8 @@ def settings_reference() -> list[tuple[str, str, str]]:
     rows = []
     sections: list[tuple[str, type[BaseModel]]] = [
         ("server", ServerSection), ("nginx", NginxSection), ("neuron", NeuronSection),
-        ("cuda", CudaSection), ("cpu", CpuSection), ("models.<name>", ModelSection)]
+        ("cuda", CudaSection), ("cpu", CpuSection), ("monitoring", MonitoringSection),
+        ("models.<name>", ModelSection)]
     for prefix, model in sections:
         for name, field in model.model_fields.items():
             default = "(required)" if field.is_required() else _toml_value(field.get_default(call_default_factory=True))

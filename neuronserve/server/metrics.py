@@ -36,6 +36,9 @@ class Metrics:
                                      "inference request time inside the app, end to end",
                                      buckets=DURATION_BUCKETS).labels(**labels)
         self.queue_depth = make(Gauge, "neuronserve_queue_depth", "items waiting for a model copy").labels(**labels)
+        # what queue_depth is measured against (max_queue): a saturation alert needs it beside the depth
+        self.queue_capacity = make(Gauge, "neuronserve_queue_capacity",
+                                   "items the queue holds before requests get 503 (max_queue)").labels(**labels)
         self.batch_size = make(Histogram, "neuronserve_batch_size", "real items per executed batch",
                                buckets=BATCH_BUCKETS).labels(**labels)
         self.batch_fill = make(Histogram, "neuronserve_batch_fill", "real items / the bucket's batch size",

@@ -54,6 +54,7 @@ class ServedModel:
                                return_wait_share=settings.return_wait_share, exact_shapes=exact,
                                max_batch_tokens=settings.max_batch_tokens or None)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+        self.metrics.queue_capacity.set(settings.max_queue)
         try:
             warmup = tasks.warmup_batches(self.task, self.tokenizer, manifest)
         except tasks.BadInput as e:

@@ -128,7 +128,7 @@ def test_reference_covers_every_field():
     assert "server.base_port" in keys and "models.<name>.copies" in keys and "nginx.rate_limit" in keys
     assert len(keys) == sum(len(s.model_fields) for s in (
         config.ServerSection, config.NginxSection, config.NeuronSection, config.CudaSection, config.CpuSection,
-        config.ModelSection))
+        config.MonitoringSection, config.KubernetesSection, config.ModelSection))
 
 
 def test_cli_reports_config_error_without_traceback(tmp_path):
