@@ -77,6 +77,9 @@ SECTION_INTROS = {
     "neuron": "AWS Inferentia and Trainium (inf1, inf2, trn1, trn2): compiler and runtime settings.",
     "cuda": "NVIDIA GPUs.",
     "cpu": "Plain CPUs: every CPU is a core; a group's copies share its CPUs.",
+    "kubernetes": "What `neuronserve render --kubernetes DIR` writes: per model, a Deployment whose pods each serve "
+                  "one core group (`neuronserve pod`), with its Service, PodDisruptionBudget and "
+                  "HorizontalPodAutoscaler, a ServiceMonitor and a KServe example; the config goes in a ConfigMap.",
     "models.<name>": "One table per served model; <name> becomes part of unit names and URLs, so it matches "
                      f"{config.NAME_RE}. The model's cores are split into groups of cores_per_group cores; each "
                      "group is one process (one systemd unit) holding `copies` copies of the model.",
@@ -135,6 +138,8 @@ EXAMPLES = [
      ["sudo neuronserve apply --dry-run", "sudo neuronserve apply"]),
     ("Write the units and the nginx front under a scratch directory, to read them:",
      ["neuronserve render --root /tmp/neuronserve"]),
+    ("Write Kubernetes manifests for Neuron nodes, then apply them:",
+     ["neuronserve render --kubernetes k8s --backend neuron", "kubectl apply -f k8s"]),
     ("Run a config in the foreground, without systemd or root:",
      ["neuronserve up --config ./neuronserve.toml --backend cpu"]),
     ("Throughput and latency at three concurrency levels, then over shapes of groups x copies:",

@@ -574,6 +574,19 @@ def undrain_cmd(config_path, root):
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"), show_default=True,
               help="Write under this directory instead of / (to inspect or diff the files).")
 @click.option("--dry-run", is_flag=True, help="Print the diffs only; write nothing.")
+@click.option("--kubernetes", "kubernetes_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="DIR",
+              help="Instead of this host's files, write Kubernetes manifests into DIR: per model a Deployment "
+                   "whose pods each serve one core group (`neuronserve pod` in kubernetes.image, asking for "
+                   "cores_per_group aws.amazon.com/neuroncore, nvidia.com/gpu or CPUs), its Service, "
+                   "PodDisruptionBudget and HorizontalPodAutoscaler (20-neuronserve-<model>.yaml), the config as a "
+                   "ConfigMap (10-config.yaml) and the namespace; `kubectl apply -f DIR` applies them. Needs a "
+                   "named backend (--backend or server.backend), the device plugin of the accelerator (Neuron's "
+                   "or NVIDIA's), and for the autoscaler prometheus-adapter installed with "
+                   "DIR/prometheus-adapter/values.yaml. DIR/prometheus/ holds ServiceMonitors (`kubectl apply -f "
+                   "DIR/prometheus`, needs the Prometheus Operator), DIR/kserve/ a KServe ServingRuntime and "
+                   "InferenceService per model, instead of the Deployment (needs KServe; only when "
+                   "kubernetes.model_volume names a PersistentVolumeClaim). See [kubernetes] in the config.")
 @click.option("--prometheus", "prometheus_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               metavar="DIR",
               help="Instead of this host's files, write a Prometheus setup for the fleet into DIR: prometheus.yml, "
@@ -583,7 +596,7 @@ def undrain_cmd(config_path, root):
                    "a serving host, copy DIR to the Prometheus host and check it with `promtool check config "
                    "DIR/prometheus.yml`.")
 @fail_cleanly
-def render_cmd(config_path, backend, root, dry_run, prometheus_dir):
+def render_cmd(config_path, backend, root, dry_run, kubernetes_dir, prometheus_dir):
     """Write the systemd units, gunicorn configs and nginx front for this host's plan; print the diffs.
 
     \b
@@ -603,6 +616,20 @@ def render_cmd(config_path, backend, root, dry_run, prometheus_dir):
     from neuronserve.context import HostContext
 
     ctx = HostContext(load_config(config_path, backend), root.resolve())
+    if kubernetes_dir:
+        from neuronserve import kubernetes
+
+        # the cluster's nodes, not this host, have the cores: nothing here is discovered
+        files = kubernetes.render_files(ctx.layout, kubernetes_dir)
+        changes = render.write_files(files, dry_run=dry_run)
+        for c in changes:
+            click.echo(c.diff, nl=False)
+        click.echo(f"{'would change' if dry_run else 'changed'} {len(changes)} file(s) under {kubernetes_dir}")
+        stale = kubernetes.stale_files(kubernetes_dir, files)
+        if stale:
+            click.echo("no longer rendered (`kubectl delete -f` each, then remove it): "
+                       + ", ".join(str(p) for p in stale))
+        return
     plan, layout = ctx.plan, ctx.layout
     if prometheus_dir:
         from neuronserve import monitoring

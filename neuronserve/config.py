@@ -186,6 +186,46 @@ class MonitoringSection(_Section):
         return v
 
 
+class KubernetesSection(_Section):
+    """What `neuronserve render --kubernetes DIR` writes: one Deployment of single-group pods per model."""
+
+    image: str | None = Field(None, description="the container image built from the .deb that runs `neuronserve "
+                                                "pod`; required to render for Kubernetes")
+    namespace: str = Field("neuronserve", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+                           description="namespace of every rendered object (a Namespace object is rendered "
+                                       "unless it is 'default')")
+    uid: int | None = Field(None, ge=1, description="numeric user (and group) id the pods run as; unset: the "
+                                                    "image's own user, which packaging/image.py names by uid so "
+                                                    "that runAsNonRoot can check it")
+    replicas: int = Field(2, ge=1, le=1000, description="pods per model, each serving one core group; the "
+                                                        "autoscaler's minimum")
+    max_replicas: int = Field(8, ge=1, le=1000, description="most pods per model the autoscaler may run")
+    queue_depth_target: float = Field(4.0, gt=0, description="the autoscaler adds pods while the average "
+                                                             "neuronserve_queue_depth per pod is above this")
+    model_volume: str = Field("neuronserve-models", pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$",
+                              description="PersistentVolumeClaim holding the compiled models (server."
+                                          "model_repository's layout), mounted read-only; 'compile': each pod's "
+                                          "initContainer runs `neuronserve compile <model>` into an emptyDir")
+    sources_claim: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$",
+                                      description="with model_volume = 'compile': PersistentVolumeClaim holding "
+                                                  "the models' Hugging Face directories, mounted read-only at "
+                                                  "sources_path")
+    sources_path: Path = Field(Path("/srv/models"), description="where sources_claim is mounted: the models' "
+                                                                "source directories must lie under it")
+    prestop_delay_s: int = Field(10, ge=0, le=300, description="a stopping pod keeps serving this long before "
+                                                               "SIGTERM, while its removal from the Service's "
+                                                               "endpoints reaches every node")
+    service_monitor_labels: dict[str, str] = Field(
+        {}, description="labels of the ServiceMonitors, for the Prometheus Operator's serviceMonitorSelector "
+                        "(kube-prometheus-stack selects release = <its release name>)")
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> "KubernetesSection":
+        if self.max_replicas < self.replicas:
+            raise ValueError("kubernetes.max_replicas must be at least kubernetes.replicas")
+        return self
+
+
 class ModelSection(_Section):
     """One served model: [models.<name>]."""
 
@@ -248,6 +288,7 @@ class Config(_Section):
     cuda: CudaSection = CudaSection()
     cpu: CpuSection = CpuSection()
     monitoring: MonitoringSection = MonitoringSection()
+    kubernetes: KubernetesSection = KubernetesSection()
     models: dict[str, ModelSection] = Field(default_factory=dict)
     # where it came from, for messages; not a key in the file
     sources: list[Path] = Field(default_factory=list, exclude=True)
@@ -395,7 +436,8 @@ def _close_keys(loc: tuple) -> str:
     import difflib
 
     sections = {"server": ServerSection, "nginx": NginxSection, "neuron": NeuronSection,
-                "cuda": CudaSection, "cpu": CpuSection, "monitoring": MonitoringSection}
+                "cuda": CudaSection, "cpu": CpuSection, "monitoring": MonitoringSection,
+                "kubernetes": KubernetesSection}
     if len(loc) == 1:
         names = [n for n in Config.model_fields if n != "sources"]
     elif loc[0] == "models" and len(loc) == 3:
@@ -427,6 +469,7 @@ def settings_reference() -> list[tuple[str, str, str]]:
     sections: list[tuple[str, type[BaseModel]]] = [
         ("server", ServerSection), ("nginx", NginxSection), ("neuron", NeuronSection),
         ("cuda", CudaSection), ("cpu", CpuSection), ("monitoring", MonitoringSection),
+        ("kubernetes", KubernetesSection),
         ("models.<name>", ModelSection)]
     for prefix, model in sections:
         for name, field in model.model_fields.items():

