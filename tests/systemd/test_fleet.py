@@ -7,6 +7,7 @@ veth pair at 10.231.<i>.2, running the neuronserve stack (`apply`: its group uni
 fronts and health-checks each front's /v2/health/ready every INTER_MS. Then, under that load:
 - host after host: `neuronserve drain` (the front turns unready, HAProxy takes the host out, drain waits until
   it is quiet), a config change and `neuronserve apply`, `neuronserve undrain`, HAProxy re-admits it;
+- a real Prometheus, from `neuronserve render --prometheus`, scrapes every group of every host through its front;
 - one host killed outright (SIGKILL to its PID 1: every process of the host dies at once): the requests that
   fail are counted, and must all fall between the kill and HAProxy marking the host DOWN.
 Figures go to <pytest basetemp>/fleet-figures.json and are printed.
@@ -21,10 +22,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from systemd_kit import Load, wait_until
@@ -203,6 +206,57 @@ def test_the_balancer_spreads_requests_over_every_host(fleet):
     spread = {h: balancer.sent_to(h) - n for h, n in before.items()}
     assert all(n > 0 for n in spread.values()), spread
     FIGURES["spread"] = {"sent": result["sent"], "per_host": spread}
+
+
+def test_prometheus_scrapes_every_group_of_every_host(fleet, tmp_path):
+    """`render --prometheus` for the three fronts, a real Prometheus scraping them, and each exposition clean by
+    `promtool check metrics`."""
+    from neuronserve import config, monitoring, render
+    from neuronserve.devices import cpu
+    from neuronserve.layout import Layout
+    from neuronserve.plan import make_plan
+
+    for tool in ("prometheus", "promtool"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} is not installed (`make sysdeps` installs Debian's prometheus)")
+    hosts = [f"{SUBNET}.{i}.2:{FRONT_PORT}" for i in range(1, HOSTS + 1)]
+    path = tmp_path / "neuronserve.toml"
+    path.write_text(config_text(1.0) + f"[monitoring]\nhosts = {json.dumps(hosts)}\nscrape_interval_s = 1\n")
+    cfg = config.load(path)
+    plan = make_plan(cfg, cpu.discover(affinity={0, 1}), python=sys.executable)
+    out = tmp_path / "prometheus"
+    render.write_files(monitoring.render_prometheus(plan, Layout(tmp_path / "root", cfg), out))
+    sh("promtool", "check", "config", str(out / monitoring.CONFIG_FILE))
+    for host in hosts:
+        text = httpx.get(f"http://{host}/_neuronserve/metrics/tiny-0", timeout=10, trust_env=False).text
+        r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+        assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), (host, r.stdout, r.stderr)
+    api = f"http://127.0.0.1:{free_port()}"
+    with (tmp_path / "prometheus.log").open("w") as log:
+        prom = subprocess.Popen(["prometheus", f"--config.file={out / monitoring.CONFIG_FILE}",
+                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={api[7:]}"],
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            def targets_up():
+                try:
+                    r = httpx.get(api + "/api/v1/targets", timeout=5, trust_env=False)
+                    active = r.json()["data"]["activeTargets"]
+                except (httpx.HTTPError, ValueError):
+                    return None
+                return len(active) == HOSTS and all(t["health"] == "up" for t in active) and active
+
+            active = wait_until(targets_up, 60, "Prometheus to scrape every group of every host")
+            query = {"query": "neuronserve_ready"}
+            series = wait_until(lambda: httpx.get(api + "/api/v1/query", params=query, timeout=5,
+                                                  trust_env=False).json()["data"]["result"], 30, "neuronserve_ready")
+        finally:
+            prom.terminate()
+            prom.wait(30)
+    assert sorted(t["labels"]["host"] for t in active) == hosts
+    assert {t["scrapeUrl"] for t in active} == {f"http://{h}/_neuronserve/metrics/tiny-0" for h in hosts}
+    assert sorted((s["metric"]["host"], s["metric"]["group"], s["value"][1]) for s in series) == [
+        (h, "tiny-0", "1") for h in hosts]
+    FIGURES["prometheus"] = {"targets_up": len(active), "ready_series": len(series)}
 
 
 def test_a_rolling_upgrade_host_by_host_fails_no_request(fleet):
