@@ -3,6 +3,7 @@
 #   make test      the whole test suite, end-to-end, systemd and packaging tests included, and the unit tests
 #                  again with every declared dependency at its floor (make mindeps, in .venv-min)
 #   make packages  build dist/neuronserve_<ver>_<arch>.deb and dist/neuronserve-<ver>.<arch>.rpm
+#   make image     the container image neuronserve:<ver> (CPU) from that .deb, for `neuronserve pod` (root, podman)
 #   make bench     side-by-side performance run (in-process ceiling, neuronserve, baseline server; each route)
 #   make docs      regenerate docs/neuronserve.1, neuronserve.toml.5, cli.md, configuration.md from the code
 
@@ -12,12 +13,12 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.neuronserve-installed
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests drive for real: nginx in front, systemd-nspawn for the unit tests, rpm/lintian
-# for the package checks, tmux for `top`'s screen, wrk for the baseline load, prometheus (with promtool) for the
-# scrape config, rules and alerts; nginx's njs module (no command: checked by its file) routes OpenAI requests
-# by model at the front.
+# for the package checks, tmux for `top`'s screen, wrk for the baseline load, podman with runc for the container
+# image, prometheus (with promtool) for the scrape config, rules and alerts; nginx's njs module (no command:
+# checked by its file) routes OpenAI requests by model at the front.
 DEB_TOOLS := nginx:nginx systemd-nspawn:systemd-container rpm:rpm rpmbuild:rpm lintian:lintian \
              tmux:tmux wrk:wrk systemd-analyze:systemd debootstrap:debootstrap rpmlint:rpmlint \
-             prometheus:prometheus
+             podman:podman runc:runc prometheus:prometheus
 PYTEST_ARGS ?=
 # `make bench` compares the serving CPU per request with this commit's, side by side (bench/versus.py): the
 # round's starting point
@@ -29,11 +30,11 @@ MIN_STAMP := $(MIN_VENV)/.neuronserve-installed
 # the floors, so the min venv has neither
 MIN_DESELECT := --deselect tests/unit/test_grpc.py::test_the_messages_are_the_clients_wire
 
-.PHONY: demo test unit mindeps packages bench docs sysdeps clean
+.PHONY: demo test unit mindeps packages image bench docs sysdeps clean
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '1,8p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,9p' Makefile | sed 's/^# \{0,1\}//'
 
 sysdeps:
 	@missing=""; for pair in $(DEB_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
@@ -78,6 +79,10 @@ mindeps: $(MIN_STAMP)
 
 packages: sysdeps $(STAMP)
 	$(BIN)/python packaging/build.py dist
+
+# debootstrap's root and the ML environment are cached under build/image; tests/packaging/test_image.py runs it
+image: packages
+	$(BIN)/python packaging/image.py
 
 bench: sysdeps $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'

@@ -685,5 +685,40 @@ def up_cmd(config_path, backend, root, ready_timeout):
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+@main.command("pod")
+@config_option
+@backend_option
+@click.option("--model", required=True, help="The [models.<name>] this pod serves.")
+@fail_cleanly
+def pod_cmd(config_path, backend, model):
+    """Serve one model as a container's main process: one core group, no nginx (Kubernetes).
+
+    \b
+    The cores are the ones the pod was given:
+      Neuron  NEURON_RT_VISIBLE_CORES, as the Neuron device plugin sets it
+              for resources aws.amazon.com/neuroncore
+      CUDA    CUDA_VISIBLE_DEVICES when set, else every GPU the container sees
+      CPU     the cgroup's cpuset, with as many threads as its CPU quota
+              feeds (resources.limits.cpu)
+    The group listens on every address at nginx.listen's port (HTTP, default
+    8080) and nginx.grpc_listen's (gRPC, 8081; empty: none); probe it at
+    /v2/health/live and /v2/health/ready. The model must be compiled for this
+    backend under server.model_repository (mount it read-only).
+
+    This process becomes the group's gunicorn, the same command and environment
+    a systemd unit runs: as PID 1 it gets the container's SIGTERM and stops
+    gracefully, answering the requests it holds within
+    server.graceful_timeout_s (give terminationGracePeriodSeconds more).
+
+    \b
+    Example, the image from `make image`:
+      podman run --network=host -v $PWD/neuronserve.toml:/etc/neuronserve/neuronserve.toml:ro \\
+          -v $PWD/models:/var/lib/neuronserve/models:ro neuronserve:VERSION pod --model emb
+    """
+    from neuronserve.operate import pod
+
+    pod.run(load_config(config_path, backend), model, out=lambda line: click.echo(line, err=True))
+
+
 if __name__ == "__main__":
     main()

@@ -211,7 +211,8 @@ def _unit_context(plan: Plan, layout: Layout, group: Group) -> dict:
 def _gunicorn_context(plan: Plan, group: Group) -> dict:
     server = plan.config.server
     return dict(
-        group=group, bind=group.address, timeout=max(int(server.timeout_s) * 2, WORKER_STARTUP_S),
+        group=group, bind=f"{group.settings.listen_host}:{group.port}",
+        timeout=max(int(server.timeout_s) * 2, WORKER_STARTUP_S),
         graceful_timeout=int(server.graceful_timeout_s), keepalive=GROUP_KEEPALIVE_S,
         loglevel=server.log_level, backlog=max(2048, 2 * group.settings.max_queue))
 

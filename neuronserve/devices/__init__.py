@@ -6,14 +6,18 @@ One module per backend (neuron, cuda, cpu), each exposing::
     pin_env(host, cores, copies, cfg, name) -> dict[str, str]   # env for group `name` owning `cores`
     find_python(cfg) -> str | None         # optional: an interpreter with the backend's framework
     group_cpus(host, cores) -> list[int]   # host CPUs the group's processes are pinned to
+    VISIBLE_ENV, visible_cores(spec, host) # optional: the variable a Kubernetes device plugin names the
+                                           # pod's cores in, and the core indices its value means
 
-`discover_host(backend)` resolves "auto" as neuron, then cuda, then cpu.
+`discover_host(backend)` resolves "auto" as neuron, then cuda, then cpu; `given_cores` narrows a host to the
+cores a container was given.
 """
 from __future__ import annotations
 
 import os
 import subprocess
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from importlib import import_module
 
 from neuronserve.config import format_core_list
@@ -114,3 +118,23 @@ def discover_host(backend: str = "auto", **probes) -> Host:
         except DeviceError as e:
             reasons.append(f"{name}: {e}")
     raise DeviceError("no backend found: " + "; ".join(reasons))
+
+
+def given_cores(host: Host, environ: Mapping[str, str]) -> Host:
+    """The host as a container sees it: only the cores its environment names in the backend's VISIBLE_ENV (what
+    a Kubernetes device plugin sets for the cores it gave the pod), or every discovered core when it is unset.
+
+    DeviceError when the variable names no core, or one that discovery did not find.
+    """
+    module = backend_module(host.backend)
+    var = getattr(module, "VISIBLE_ENV", None)
+    if var is None or var not in environ:
+        return host
+    wanted = module.visible_cores(environ[var].strip(), host)
+    known = {c.index for c in host.cores}
+    unknown = [c for c in wanted if c not in known]
+    if not wanted or unknown:
+        raise DeviceError(f"{var}={environ[var]!r} names {'no core' if not wanted else format_core_list(unknown)}"
+                          f"{'' if not wanted else ', which this host does not have'} ({host.backend} cores found by "
+                          f"{host.source}: {format_core_list(sorted(known)) or 'none'})")
+    return replace(host, cores=[c for c in host.cores if c.index in set(wanted)], source=f"{host.source}, {var}")

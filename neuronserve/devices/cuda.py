@@ -123,6 +123,23 @@ def _smi_holders(run: Runner, tool: str, by_uuid: dict[str, int]) -> list[Holder
 # CPUs near the group's devices (affinity from the probe), else all the host's
 group_cpus = nearby_cpus
 
+# where a pod's GPUs may be named, by index or UUID (CUDA's own meaning of the variable)
+VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
+
+
+def visible_cores(spec: str, host: Host) -> list[int]:
+    by_uuid = {d.get("uuid"): d["device"] for d in host.details.get("devices") or []}
+    out = []
+    for token in filter(None, (t.strip() for t in spec.split(","))):
+        if token.isdigit():
+            out.append(int(token))
+        elif token in by_uuid:
+            out.append(by_uuid[token])
+        else:
+            raise DeviceError(f"{VISIBLE_ENV}={spec!r}: {token!r} is neither a GPU index nor the UUID of one "
+                              f"({', '.join(filter(None, by_uuid)) or 'no UUIDs known'})")
+    return out
+
 
 def pin_env(host: Host, cores: list[int], copies: int, cfg, name: str) -> dict[str, str]:
     return {

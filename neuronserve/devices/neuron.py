@@ -208,6 +208,17 @@ def _sysfs_kind(device_dir: Path) -> str | None:
 
 # ---------------------------------------------------------------- pinning
 
+# the Neuron device plugin names the cores it gave a pod here, by their global ids; the runtime reads it too
+VISIBLE_ENV = "NEURON_RT_VISIBLE_CORES"
+
+
+def visible_cores(spec: str, host: Host) -> list[int]:
+    try:
+        return parse_core_list(spec)
+    except ValueError as e:
+        raise DeviceError(f"{VISIBLE_ENV}={spec!r}: {e}") from None
+
+
 # CPUs near the group's devices (affinity from the probe), else all the host's
 group_cpus = nearby_cpus
 

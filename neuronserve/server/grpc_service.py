@@ -58,7 +58,7 @@ class GrpcService:
         self._waiting: asyncio.Task | None = None
 
     async def start(self) -> None:
-        """Listen on 127.0.0.1:port once every copy is warm (a task, so the caller's lifespan goes on)."""
+        """Listen on listen_host:port once every copy is warm (a task, so the caller's lifespan goes on)."""
         self._waiting = asyncio.ensure_future(self._listen_when_ready())
 
     async def _listen_when_ready(self) -> None:
@@ -69,15 +69,15 @@ class GrpcService:
             method: grpc.unary_unary_rpc_method_handler(
                 self._parsing(method), response_serializer=_Response[method].SerializeToString)
             for method in pb.METHODS}),))
+        address = f"{self.model.settings.listen_host}:{self.port}"
         try:
-            server.add_insecure_port(f"127.0.0.1:{self.port}")
+            server.add_insecure_port(address)
         except RuntimeError as e:
-            log.error("%s: cannot serve gRPC on 127.0.0.1:%d (%s): HTTP only", self.model.settings.group,
-                      self.port, e)
+            log.error("%s: cannot serve gRPC on %s (%s): HTTP only", self.model.settings.group, address, e)
             return
         await server.start()
         self.server = server
-        log.info("%s: gRPC (KServe v2) on 127.0.0.1:%d", self.model.settings.group, self.port)
+        log.info("%s: gRPC (KServe v2) on %s", self.model.settings.group, address)
 
     def _parsing(self, method: str):
         """The handler of `method` on the request's bytes: a body that is not its message gets INVALID_ARGUMENT

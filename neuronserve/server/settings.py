@@ -37,7 +37,9 @@ class ServerSettings(BaseModel):
     truncation: bool = True
     timeout_s: float = Field(30.0, gt=0)
     graceful_timeout_s: float = Field(30.0, ge=0, description="how long a stop waits for the model's threads")
-    grpc_port: int = Field(0, ge=0, le=65535, description="KServe v2 gRPC on 127.0.0.1:grpc_port; 0: no gRPC")
+    listen_host: str = Field("127.0.0.1", description="address the group's HTTP and gRPC listen on: the loopback "
+                                                      "behind nginx; every address in a pod (`neuronserve pod`)")
+    grpc_port: int = Field(0, ge=0, le=65535, description="KServe v2 gRPC on listen_host:grpc_port; 0: no gRPC")
     grpc_front: str = Field("", description="the front's gRPC address, through which calls for the host's other "
                                             "models are passed on; empty: none are")
     log_level: str = "info"
