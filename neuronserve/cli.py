@@ -487,9 +487,11 @@ def status_cmd(config_path, backend, interval, as_json):
     outside the active unit of the group owning those cores keeps them from that group.
     Exits 0 when every group is active and ready and no holder is stale, else 1.
     """
+    from neuronserve.layout import Layout
     from neuronserve.operate import status
 
-    st = status.collect(load_plan(config_path, backend), interval_s=interval)
+    plan = load_plan(config_path, backend)
+    st = status.collect(plan, interval_s=interval, drained=Layout(Path("/"), plan.config).drain_flag.exists())
     click.echo(status.as_json(st) if as_json else status.as_text(st))
     sys.exit(0 if status.healthy(st) else 1)
 
