@@ -14,11 +14,11 @@ STAMP   := $(VENV)/.neuronserve-installed
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests drive for real: nginx in front, systemd-nspawn for the unit tests, rpm/lintian
 # for the package checks, tmux for `top`'s screen, wrk for the baseline load, podman with runc for the container
-# image, prometheus (with promtool) for the scrape config, rules and alerts; nginx's njs module (no command:
-# checked by its file) routes OpenAI requests by model at the front.
+# image, prometheus (with promtool) for the scrape config, rules and alerts, haproxy and iproute2 for the
+# three-host fleet; nginx's njs module (no command: checked by its file) routes OpenAI requests by model.
 DEB_TOOLS := nginx:nginx systemd-nspawn:systemd-container rpm:rpm rpmbuild:rpm lintian:lintian \
              tmux:tmux wrk:wrk systemd-analyze:systemd debootstrap:debootstrap rpmlint:rpmlint \
-             podman:podman runc:runc prometheus:prometheus
+             podman:podman runc:runc prometheus:prometheus haproxy:haproxy ip:iproute2
 PYTEST_ARGS ?=
 # `make bench` compares the serving CPU per request with this commit's, side by side (bench/versus.py): the
 # round's starting point

@@ -31,8 +31,8 @@ from neuronserve.config import DEFAULT_PATH, Config
 from neuronserve.devices import Core, Host
 from neuronserve.errors import ConfigError, RenderError
 from neuronserve.layout import Layout
-from neuronserve.plan import Plan, make_plan
-from neuronserve.render import HEADER, _render, template_env
+from neuronserve.plan import Plan, listen_port, make_plan
+from neuronserve.render import HEADER, render_template, template_env
 
 # the server's routes (server/app.py) and the gauge the autoscaler reads (server/metrics.py)
 READY_PATH, LIVE_PATH, METRICS_PATH = "/v2/health/ready", "/v2/health/live", "/metrics"
@@ -84,11 +84,6 @@ def object_names(cfg: Config) -> dict[str, str]:
                               "rename one")
         seen[name] = model
     return names
-
-
-def listen_port(listen: str) -> int:
-    """The port of an nginx.listen-style [address:]port: what a pod listens on."""
-    return int(listen.rsplit(":", 1)[-1])
 
 
 def config_files(cfg: Config) -> list[dict]:
@@ -190,17 +185,17 @@ def render_files(layout: Layout, out_dir: Path) -> dict[Path, str]:
     out_dir = Path(out_dir)
     files = {}
     if k8s.namespace != "default":
-        files[out_dir / "00-namespace.yaml"] = _render(jenv, "kubernetes/namespace.yaml.j2", **common)
-    files[out_dir / "10-config.yaml"] = _render(jenv, "kubernetes/config.yaml.j2", **common)
+        files[out_dir / "00-namespace.yaml"] = render_template(jenv, "kubernetes/namespace.yaml.j2", **common)
+    files[out_dir / "10-config.yaml"] = render_template(jenv, "kubernetes/config.yaml.j2", **common)
     for model in cfg.models:
         pod = _pod(plan, names, model, config)
-        files[out_dir / f"20-{pod['name']}.yaml"] = _render(jenv, "kubernetes/model.yaml.j2", pod=pod, **common)
-        files[out_dir / "prometheus" / f"{pod['name']}.yaml"] = _render(
+        files[out_dir / f"20-{pod['name']}.yaml"] = render_template(jenv, "kubernetes/model.yaml.j2", pod=pod, **common)
+        files[out_dir / "prometheus" / f"{pod['name']}.yaml"] = render_template(
             jenv, "kubernetes/servicemonitor.yaml.j2", pod=pod, **common)
         if not pod["compile"]:
-            files[out_dir / "kserve" / f"{pod['name']}.yaml"] = _render(jenv, "kubernetes/kserve.yaml.j2", pod=pod,
+            files[out_dir / "kserve" / f"{pod['name']}.yaml"] = render_template(jenv, "kubernetes/kserve.yaml.j2", pod=pod,
                                                                         **common)
-    files[out_dir / "prometheus-adapter" / "values.yaml"] = _render(jenv, "kubernetes/prometheus-adapter.yaml.j2",
+    files[out_dir / "prometheus-adapter" / "values.yaml"] = render_template(jenv, "kubernetes/prometheus-adapter.yaml.j2",
                                                                     **common)
     return files
 

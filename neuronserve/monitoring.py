@@ -14,7 +14,7 @@ from neuronserve.config import MonitoringSection
 from neuronserve.errors import RenderError
 from neuronserve.layout import Layout
 from neuronserve.plan import Group, Plan, loopback
-from neuronserve.render import _render, template_env
+from neuronserve.render import render_template, template_env
 
 CONFIG_FILE = "prometheus.yml"
 TARGETS_FILE = "neuronserve-targets.yml"
@@ -46,10 +46,10 @@ def prometheus_files(out_dir: Path, layout: Layout, hosts: Mapping[str, Sequence
                for host, groups in hosts.items() for g in groups]
     out_dir = Path(out_dir)
     return {
-        out_dir / CONFIG_FILE: _render(jenv, "prometheus.yml.j2", job=JOB, settings=settings,
+        out_dir / CONFIG_FILE: render_template(jenv, "prometheus.yml.j2", job=JOB, settings=settings,
                                        targets_file=TARGETS_FILE, rules_file=RULES_FILE),
-        out_dir / TARGETS_FILE: _render(jenv, "prometheus-targets.yml.j2", targets=targets),
-        out_dir / RULES_FILE: _render(jenv, "prometheus-rules.yml.j2", job=JOB, settings=settings,
+        out_dir / TARGETS_FILE: render_template(jenv, "prometheus-targets.yml.j2", targets=targets),
+        out_dir / RULES_FILE: render_template(jenv, "prometheus-rules.yml.j2", job=JOB, settings=settings,
                                       window=f"{RATE_SAMPLES * settings.scrape_interval_s}s",
                                       p99_objective_s=settings.p99_objective_ms / 1000),
     }

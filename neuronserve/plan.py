@@ -112,6 +112,11 @@ def _front_ports(cfg: Config) -> dict[int, str]:
     return out
 
 
+def listen_port(listen: str) -> int:
+    """The port of an nginx.listen-style [address:]port: what a pod listens on (operate/pod.py, kubernetes.py)."""
+    return int(listen.rsplit(":", 1)[-1])
+
+
 def loopback(listen: str) -> str:
     """host:port a local client dials for a listen address ('0.0.0.0:8081', '[::]:8081', '8081', 'host:port')."""
     host, sep, port = listen.rpartition(":")

@@ -128,7 +128,8 @@ def shipped_dir() -> Path:
                       "the source tree): reinstall neuronserve")
 
 
-def _render(jenv: jinja2.Environment, name: str, **context) -> str:
+def render_template(jenv: jinja2.Environment, name: str, **context) -> str:
+    """One template (an /etc override, else the packaged one) rendered; its errors as RenderError, with file:line."""
     try:
         return jenv.get_template(name).render(**context)
     except jinja2.TemplateError as e:
@@ -250,13 +251,13 @@ def render_files(plan: Plan, layout: Layout, *, down: set[str] | frozenset[str] 
             shipped = shipped_dir() / name
             files[layout.unit_path(name)] = f"# {HEADER}: a copy of {shipped}\n" + shipped.read_text(encoding="utf-8")
     for g in plan.groups:
-        files[layout.dropin_path(g.unit)] = _render(jenv, "group.conf.j2", **_unit_context(plan, layout, g))
-        files[layout.gunicorn_conf(g.name)] = _render(jenv, "gunicorn.conf.py.j2", **_gunicorn_context(plan, g))
+        files[layout.dropin_path(g.unit)] = render_template(jenv, "group.conf.j2", **_unit_context(plan, layout, g))
+        files[layout.gunicorn_conf(g.name)] = render_template(jenv, "gunicorn.conf.py.j2", **_gunicorn_context(plan, g))
     ng = plan.config.nginx
     if ng.enabled:
-        files[layout.nginx_conf] = _render(jenv, "nginx.conf.j2", **_nginx_context(plan, layout, frozenset(down)))
+        files[layout.nginx_conf] = render_template(jenv, "nginx.conf.j2", **_nginx_context(plan, layout, frozenset(down)))
         if njs_module():
-            files[njs_script_path(layout)] = _render(jenv, "neuronserve.js.j2", models={
+            files[njs_script_path(layout)] = render_template(jenv, "neuronserve.js.j2", models={
                 name: {"task": plan.config.models[name].task, "groups": [g.name for g in gs]}
                 for name, gs in plan.by_model().items()})
         if ng.auth_token_file:

@@ -30,9 +30,8 @@ from neuronserve.config import Config
 from neuronserve.context import discover
 from neuronserve.devices import Host, given_cores
 from neuronserve.errors import ConfigError
-from neuronserve.kubernetes import listen_port
 from neuronserve.layout import Layout
-from neuronserve.plan import Plan, make_plan
+from neuronserve.plan import Plan, listen_port, make_plan
 from neuronserve.render import render_files, write_files
 
 # a pod is reached through its own IP (Service, probes), never through a front on its loopback
