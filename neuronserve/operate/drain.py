@@ -55,6 +55,9 @@ def drain(plan: Plan, layout: Layout, *, quiet_s: float = 5.0, timeout_s: float 
 
     Returns the seconds waited. Raises ServiceError when requests keep coming after `timeout_s`: the load
     balancer is not checking /v2/health/ready of this front (the flag stays: the host is still drained)."""
+    if not plan.config.nginx.enabled:
+        raise ServiceError("drain turns the nginx front's readiness to 503, and nginx.enabled is false: there is no "
+                           "front for a load balancer to check. Take this host out at the balancer itself")
     flag = layout.drain_flag
     flag.parent.mkdir(parents=True, exist_ok=True)
     flag.write_text("drained by `neuronserve drain`; `neuronserve undrain` removes this file\n")

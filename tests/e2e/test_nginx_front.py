@@ -119,12 +119,14 @@ def test_drain_turns_the_front_unready_and_still_serves(stack):
         assert waited >= 1.0 and "drained: no request for 1 s" in lines[-1]
         r = httpx.get(front + "/v2/health/ready", timeout=10)
         assert r.status_code == 503 and "neuronserve undrain" in r.json()["error"]
+        assert httpx.get(front + "/health", timeout=10).status_code == 503       # TEI's readiness, a one-model host
         assert httpx.get(front + "/v2/health/live", timeout=10).status_code == 200
         r = httpx.post(front + "/models/emb", json={"inputs": "still served while drained"}, timeout=30)
         assert r.status_code == 200
     finally:
         assert drain.undrain(stack.layout)
     assert httpx.get(front + "/v2/health/ready", timeout=10).status_code == 200
+    assert httpx.get(front + "/health", timeout=10).status_code == 200
     assert not drain.undrain(stack.layout)          # already back: nothing to remove
     for g in stack.plan.groups:
         text = httpx.get(f"{front}/_neuronserve/metrics/{g.name}", timeout=10).text

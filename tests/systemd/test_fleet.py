@@ -30,6 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server_kit import free_port
 from systemd_kit import Load, wait_until
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow]
@@ -92,12 +93,6 @@ backend hosts
 {servers}"""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def sh(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True, text=True)
 
@@ -112,7 +107,11 @@ class Balancer:
         sh("haproxy", "-c", "-f", str(conf))
         self.log = (state / "haproxy.log").open("w")
         self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(conf)], stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until(self.sock.exists, 20, "HAProxy's stats socket")
+        try:
+            wait_until(self.sock.exists, 20, "HAProxy's stats socket")
+        except BaseException:
+            self.stop()
+            raise
         self.url = f"http://127.0.0.1:{self.port}/models/tiny"
 
     def stats(self) -> dict[str, dict]:
@@ -134,7 +133,11 @@ class Balancer:
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(10)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
         self.log.close()
 
 
@@ -183,13 +186,15 @@ def fleet(containers, tiny_model_dir, tmp_path_factory):
                    "HAProxy to see every host UP")
         yield boxes, balancer, state
     finally:
-        if balancer:
-            balancer.stop()
-        for ns in namespaces:       # the veth pairs go with their namespace; a container still in one keeps it
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        out = tmp_path_factory.getbasetemp() / "fleet-figures.json"
-        out.write_text(json.dumps(FIGURES, indent=2))
-        print(f"\nfleet figures ({out}):\n{json.dumps(FIGURES, indent=2)}")
+        try:
+            if balancer:
+                balancer.stop()
+        finally:
+            for ns in namespaces:   # the veth pairs go with their namespace; a container still in one keeps it
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            out = tmp_path_factory.getbasetemp() / "fleet-figures.json"
+            out.write_text(json.dumps(FIGURES, indent=2))
+            print(f"\nfleet figures ({out}):\n{json.dumps(FIGURES, indent=2)}")
 
 
 def neuronserve(box, *args, timeout=400):

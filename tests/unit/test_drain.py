@@ -101,3 +101,11 @@ def test_undrain(host):
     assert not drain.undrain(layout)
     run(host, lambda t, group: None, quiet_s=0.5)
     assert drain.undrain(layout) and not drain.drained(layout) and not layout.drain_flag.exists()
+
+
+def test_a_host_without_a_front_is_refused(host):
+    plan, layout = host
+    plan.config.nginx.enabled = False
+    with pytest.raises(ServiceError, match="nginx.enabled is false"):
+        run(host, lambda t, group: None)
+    assert not drain.drained(layout)

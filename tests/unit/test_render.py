@@ -300,7 +300,8 @@ def test_openai_routing_and_the_model_listing_with_njs_and_without(tmp_path, mon
     single = make_plan(one_model, HOSTS["cpu"](), python="/usr/bin/python3")
     text = render_files(single, layout)[layout.nginx_conf]
     assert re.search(r"location = /v1/embeddings \{\n\s*proxy_pass http://neuronserve_emb;", text)
-    assert "location ~ ^/(embed|embed_all|rerank|predict|tokenize|decode|info|health)$ {" in text
+    assert "location ~ ^/(embed|embed_all|rerank|predict|tokenize|decode|info)$ {" in text
+    assert "location = /health {" in text           # TEI's readiness: turns 503 while the host is drained
 
 
 @needs_nginx
