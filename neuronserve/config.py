@@ -197,11 +197,28 @@ class KubernetesSection(_Section):
     uid: int | None = Field(None, ge=1, description="numeric user (and group) id the pods run as; unset: the "
                                                     "image's own user, which packaging/image.py names by uid so "
                                                     "that runAsNonRoot can check it")
-    replicas: int = Field(2, ge=1, le=1000, description="pods per model, each serving one core group; the "
-                                                        "autoscaler's minimum")
+    replicas: int = Field(2, ge=1, le=1000, description="pods per model, each serving one core group: the "
+                                                        "autoscaler's minReplicas (the Deployment leaves its scale "
+                                                        "to the autoscaler). With 1, the disruption budget lets a "
+                                                        "node drain evict the pod only while another one is ready: "
+                                                        "a drain waits for a second pod instead of taking the model "
+                                                        "to none")
     max_replicas: int = Field(8, ge=1, le=1000, description="most pods per model the autoscaler may run")
     queue_depth_target: float = Field(4.0, gt=0, description="the autoscaler adds pods while the average "
-                                                             "neuronserve_queue_depth per pod is above this")
+                                                             "neuronserve_queue_depth per pod is above this "
+                                                             "(a Kubernetes quantity: rounded up to thousandths)")
+    cpu_per_core: float = Field(1.0, gt=0, le=64, description="CPUs a Neuron or CUDA pod asks for per NeuronCore "
+                                                              "or GPU of its group: the host threads that "
+                                                              "tokenize, batch and feed the device (a CPU pod asks "
+                                                              "for its group's cores: they are its CPUs). Whole "
+                                                              "numbers let a static CPU manager give the pod CPUs "
+                                                              "of its own")
+    memory: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",
+                               description="memory of every pod (a Kubernetes quantity, e.g. '6Gi'), requested "
+                                           "and its limit; unset: what the plan counts for a CPU model compiled in "
+                                           "server.model_repository here (its traces + 1 GiB for the process). "
+                                           "Required for Neuron and CUDA pods (the plan counts their device "
+                                           "memory, not the host's) and for CPU models not compiled here")
     model_volume: str = Field("neuronserve-models", pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$",
                               description="PersistentVolumeClaim holding the compiled models (server."
                                           "model_repository's layout), mounted read-only; 'compile': each pod's "

@@ -6,9 +6,12 @@ listening on the port of nginx.listen (gRPC on nginx.grpc_listen's), with the co
 Service balances over the pods, the Deployment rolls them, the autoscaler adds pods on the queue depth.
 
 The groups are planned as on a host, on a stand-in host with exactly one group's cores per model
-(`cluster_plan`), so a model's pod asks for what one of its groups owns and, when the model is compiled here, the
-memory the plan counts for it. Which accelerator the nodes have is the cluster's to say, not this host's: the
-backend must be named (server.backend or --backend), and the pods' config pins it.
+(`cluster_plan`), so a model's pod asks for what one of its groups owns: its NeuronCores or GPUs with
+kubernetes.cpu_per_core CPUs each, or its CPUs; and kubernetes.memory, or for a CPU model compiled here the memory
+the plan counts for it. Every container's requests equal its limits, for cpu and memory too: the pods are of the
+Guaranteed QoS class, the last a node under memory pressure evicts. Which accelerator the nodes have is the
+cluster's to say, not this host's: the backend must be named (server.backend or --backend), and the pods' config
+pins it.
 
 Files (under the output directory; `kubectl apply -f DIR` takes the top level only):
   00-namespace.yaml              the namespace, unless it is "default"
@@ -47,6 +50,9 @@ BACKEND_DROPIN = "zz-kubernetes.toml"
 STARTUP_PERIOD_S = 5
 # python, torch, the tokenizer and a batch's activations, resident beside the weights footprint counts
 PROCESS_MEMORY = 1 << 30
+# Kubernetes quantity suffixes (the ones config.KubernetesSection.memory accepts)
+_MEMORY_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                 "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
 # gunicorn's master exits a moment after its worker's graceful timeout
 STOP_MARGIN_S = 5
 # scalars YAML 1.1 (PyYAML) and 1.2 (kubectl) read alike in a literal block: printable, no other line breaks
@@ -126,25 +132,73 @@ def yaml_block(text: str, indent: int) -> str:
     return f"|2{chomp}\n" + "\n".join(pad + line if line else "" for line in lines)
 
 
+def quantity(value: float) -> str:
+    """A Kubernetes quantity of `value`: a plain decimal, never Python's exponent form, of at most three decimal
+    places (finer, Kubernetes rounds a quantity up to the next thousandth: so does this, keeping at least 0.001)."""
+    milli = value * 1000
+    whole = round(milli)
+    milli = whole if abs(milli - whole) < 1e-6 else math.ceil(milli)
+    milli = max(1, milli)
+    units, frac = divmod(milli, 1000)
+    return str(units) if not frac else f"{units}.{frac:03d}".rstrip("0")
+
+
+def memory_bytes(text: str) -> int:
+    """A Kubernetes memory quantity (config.KubernetesSection.memory's form) in bytes."""
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", text).groups()
+    return math.ceil(float(number) * _MEMORY_UNITS[unit])
+
+
+def _resources(plan: Plan, model: str, group) -> dict[str, str]:
+    """One container's requests (= its limits): the group's device cores and kubernetes.cpu_per_core CPUs each,
+    or its CPUs; kubernetes.memory, or what the plan counts for a CPU model compiled here."""
+    k8s, backend, cores = plan.config.kubernetes, plan.host.backend, len(group.cores)
+    if backend in DEVICE_RESOURCES:
+        requests = {DEVICE_RESOURCES[backend]: str(cores), "cpu": quantity(cores * k8s.cpu_per_core)}
+    else:
+        requests = {"cpu": str(cores)}
+    footprint = plan.footprints.get(group.name)
+    counted = footprint.host_bytes + PROCESS_MEMORY if backend == "cpu" and footprint is not None else None
+    if k8s.memory is None:
+        if counted is None:
+            why = ("the plan counts a Neuron or CUDA model's device memory, not the host memory its pod needs"
+                   if backend != "cpu" else f"models.{model} is not compiled in {plan.config.server.model_repository}"
+                                            " here, so the plan cannot count its memory")
+            raise ConfigError(f"kubernetes.memory is not set and {why}: set it to each pod's memory, requested and "
+                              "its limit, e.g. memory = \"4Gi\" (the process holds about 1 GiB before the model)")
+        requests["memory"] = f"{math.ceil(counted / (1 << 20))}Mi"
+    else:
+        if memory_bytes(k8s.memory) < PROCESS_MEMORY:
+            raise ConfigError(f"kubernetes.memory {k8s.memory} is less than the 1Gi a pod's process holds before "
+                              "any model (python, torch, the tokenizer)")
+        if counted is not None and memory_bytes(k8s.memory) < counted:
+            raise ConfigError(f"kubernetes.memory {k8s.memory} is less than the {math.ceil(counted / (1 << 20))}Mi "
+                              f"the plan counts for models.{model} (its traces + 1 GiB for the process): raise it, "
+                              "or unset it for each CPU model's own count")
+        requests["memory"] = k8s.memory
+    return requests
+
+
 def _pod(plan: Plan, names: dict[str, str], model: str, config: list[dict]) -> dict:
     """What the templates need of one model's pod."""
     cfg = plan.config
-    k8s, server, backend = cfg.kubernetes, cfg.server, plan.host.backend
+    k8s, server = cfg.kubernetes, cfg.server
     group = plan.by_model()[model][0]
-    cores = len(group.cores)
-    if backend in DEVICE_RESOURCES:
-        requests = {DEVICE_RESOURCES[backend]: str(cores)}
-    else:
-        requests = {"cpu": str(cores)}
-        footprint = plan.footprints.get(group.name)
-        if footprint is not None:
-            requests["memory"] = f"{math.ceil((footprint.host_bytes + PROCESS_MEMORY) / (1 << 20))}Mi"
+    requests = _resources(plan, model, group)
     compile_ = k8s.model_volume == COMPILE
     source = cfg.models[model].source
-    if compile_ and source.startswith("/") and not Path(source).is_relative_to(k8s.sources_path):
+    if compile_ and not source.startswith("/"):
+        # a hub id, or a path relative to the config (in the pod: /etc/neuronserve): neither is on sources_claim
+        raise ConfigError(f"models.{model}.source {source!r} is not a directory under kubernetes.sources_path "
+                          f"({k8s.sources_path}), and with kubernetes.model_volume = 'compile' the initContainer "
+                          "compiles from there: the image runs offline (HF_HUB_OFFLINE=1), so it cannot download "
+                          "a hub id. Put the model's Hugging Face directory on kubernetes.sources_claim and set "
+                          f"source to its absolute path under {k8s.sources_path}, or compile it here and serve "
+                          "the repository from a PersistentVolumeClaim (kubernetes.model_volume)")
+    if compile_ and not Path(source).is_relative_to(k8s.sources_path):
         raise ConfigError(f"models.{model}.source {source} is not under kubernetes.sources_path "
                           f"({k8s.sources_path}), where the compile initContainer finds the sources")
-    if compile_ and source.startswith("/") and not k8s.sources_claim:
+    if compile_ and not k8s.sources_claim:
         raise ConfigError(f"models.{model}.source is a directory and kubernetes.model_volume is 'compile': set "
                           "kubernetes.sources_claim to the PersistentVolumeClaim holding it")
     name = names[model]
@@ -152,9 +206,12 @@ def _pod(plan: Plan, names: dict[str, str], model: str, config: list[dict]) -> d
     return dict(
         model=model, name=name,
         labels=labels, monitor_labels={**labels, **k8s.service_monitor_labels},
-        # requests = limits: Guaranteed QoS, so a static CPU manager gives the pod whole cores
+        # requests = limits for cpu and memory in every container: Guaranteed QoS (a static CPU manager gives
+        # such a pod exclusive CPUs when it asks for whole ones)
         resources={"requests": requests, "limits": requests},
-        taint=DEVICE_TAINTS.get(backend),
+        # minAvailable 1 with a lone pod: a drain waits for a second one rather than take the model to none
+        pdb={"maxUnavailable": 1} if k8s.replicas >= 2 else {"minAvailable": 1},
+        taint=DEVICE_TAINTS.get(plan.host.backend),
         http_port=listen_port(cfg.nginx.listen),
         grpc_port=listen_port(cfg.nginx.grpc_listen) if cfg.nginx.grpc_listen else None,
         startup_failures=max(1, math.ceil(server.start_timeout_s / STARTUP_PERIOD_S)),
@@ -180,8 +237,7 @@ def render_files(layout: Layout, out_dir: Path) -> dict[Path, str]:
                   config_dir=str(DEFAULT_PATH.parent), model_repository=str(cfg.server.model_repository),
                   ready_path=READY_PATH, live_path=LIVE_PATH, metrics_path=METRICS_PATH, metric=QUEUE_METRIC,
                   startup_period_s=STARTUP_PERIOD_S, files=config,
-                  # a Quantity: a plain decimal, never Python's exponent form
-                  queue_target=f"{k8s.queue_depth_target:f}".rstrip("0").rstrip("."))
+                  queue_target=quantity(k8s.queue_depth_target))
     out_dir = Path(out_dir)
     files = {}
     if k8s.namespace != "default":
@@ -193,10 +249,10 @@ def render_files(layout: Layout, out_dir: Path) -> dict[Path, str]:
         files[out_dir / "prometheus" / f"{pod['name']}.yaml"] = render_template(
             jenv, "kubernetes/servicemonitor.yaml.j2", pod=pod, **common)
         if not pod["compile"]:
-            files[out_dir / "kserve" / f"{pod['name']}.yaml"] = render_template(jenv, "kubernetes/kserve.yaml.j2", pod=pod,
-                                                                        **common)
-    files[out_dir / "prometheus-adapter" / "values.yaml"] = render_template(jenv, "kubernetes/prometheus-adapter.yaml.j2",
-                                                                    **common)
+            files[out_dir / "kserve" / f"{pod['name']}.yaml"] = render_template(
+                jenv, "kubernetes/kserve.yaml.j2", pod=pod, **common)
+    files[out_dir / "prometheus-adapter" / "values.yaml"] = render_template(
+        jenv, "kubernetes/prometheus-adapter.yaml.j2", **common)
     return files
 
 

@@ -29,41 +29,73 @@ VERSIONS = ("1.29", "1.37")
 APP_SOURCE = Path(config.__file__).parent / "server" / "app.py"
 GIB = 1 << 30
 
-# Custom resources kubernetes-validate has no schema for, checked against the fields their CRDs require
-# (prometheus-operator's ServiceMonitor CRD: spec.selector, endpoints' port; KServe's ServingRuntime CRD:
+# Custom resources kubernetes-validate has no schema for, checked against SUBSETS of their CRDs: the fields their
+# CRDs require (prometheus-operator's ServiceMonitor: spec.selector, endpoints' port; KServe's ServingRuntime:
 # spec.containers, supportedModelFormats[].name, protocolVersions from v1, v2, grpc-v1, grpc-v2; KServe's
-# InferenceService CRD: spec.predictor, with model.modelFormat.name). Their pod parts (containers, volumes,
-# tolerations) are core/v1 types: those are validated strictly as a Pod's below.
+# InferenceService: spec.predictor, with model.modelFormat.name), and at each level whose fields are listed,
+# additionalProperties: false, so that a misspelt key in a template fails. The names listed are the real CRDs'
+# (prometheus-operator v0.7x's ServiceMonitorSpec, pkg/apis/monitoring/v1/servicemonitor_types.go; KServe
+# v0.13-v0.15's ServingRuntimeSpec, v1alpha1/servingruntime_types.go, and InferenceServiceSpec, PredictorSpec's
+# replicas and ModelSpec, v1beta1): every one at the levels that list them all (ServiceMonitor's spec, a
+# LabelSelector, NamespaceSelector, ServingRuntime's spec, SupportedModelFormat, InferenceService's spec,
+# ModelFormat), only those rendered where the CRD inlines a whole PodSpec or Container (predictor, model) and in
+# an Endpoint: a field newly rendered there must be added here, after checking the CRD. Their pod parts
+# (containers, volumes, tolerations) are core/v1 types: those are validated strictly as a Pod's below.
 _NAME = {"type": "string", "pattern": r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"}
 _META = {"type": "object", "required": ["name", "namespace"], "properties": {"name": _NAME}}
+_ANY = {}
+_PROTOCOLS = {"enum": ["v1", "v2", "grpc-v1", "grpc-v2"]}
+_LABEL_SELECTOR = {"type": "object", "additionalProperties": False,
+                   "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+                                  "matchExpressions": {"type": "array"}}}
+
+
+def _closed(properties: dict, required: tuple = ()) -> dict:
+    """An object with exactly these properties (additionalProperties: false)."""
+    return {"type": "object", "required": list(required), "additionalProperties": False, "properties": properties}
+
+
 CRD_SCHEMAS = {
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): {"properties": {"spec": {
-        "required": ["selector", "endpoints"],
-        "properties": {"selector": {"required": ["matchLabels"]},
-                       "namespaceSelector": {"properties": {"matchNames": {"type": "array"}}},
-                       "endpoints": {"type": "array", "minItems": 1, "items": {
-                           "required": ["port", "path"], "additionalProperties": False,
-                           "properties": {"port": {"type": "string"}, "path": {"type": "string"}}}}}}}},
-    ("serving.kserve.io/v1alpha1", "ServingRuntime"): {"properties": {"spec": {
-        "required": ["containers", "supportedModelFormats", "protocolVersions"],
-        "properties": {"supportedModelFormats": {"type": "array", "items": {
-                           "required": ["name"], "properties": {"name": {"type": "string"},
-                                                                "version": {"type": "string"},
-                                                                "autoSelect": {"type": "boolean"}}}},
-                       "protocolVersions": {"type": "array",
-                                            "items": {"enum": ["v1", "v2", "grpc-v1", "grpc-v2"]}},
-                       "multiModel": {"type": "boolean"},
-                       "containers": {"type": "array", "minItems": 1}}}}},
-    ("serving.kserve.io/v1beta1", "InferenceService"): {"properties": {"spec": {
-        "required": ["predictor"],
-        "properties": {"predictor": {
-            "required": ["model"],
-            "properties": {"minReplicas": {"type": "integer"}, "maxReplicas": {"type": "integer"},
-                           "model": {"required": ["modelFormat", "runtime"],
-                                     "properties": {"modelFormat": {"required": ["name"]},
-                                                    "protocolVersion": {"enum": ["v1", "v2", "grpc-v1",
-                                                                                 "grpc-v2"]}}}}}}}}},
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): {"properties": {"spec": _closed({
+        "selector": {**_LABEL_SELECTOR, "required": ["matchLabels"]},
+        "namespaceSelector": _closed({"any": {"type": "boolean"}, "matchNames": {"type": "array",
+                                                                                 "items": {"type": "string"}}}),
+        "endpoints": {"type": "array", "minItems": 1, "items": _closed(
+            {"port": {"type": "string"}, "path": {"type": "string"}}, required=("port", "path"))},
+        **{k: _ANY for k in ("jobLabel", "targetLabels", "podTargetLabels", "sampleLimit", "scrapeProtocols",
+                             "targetLimit", "labelLimit", "labelNameLengthLimit", "labelValueLengthLimit",
+                             "keepDroppedTargets", "attachMetadata", "scrapeClass", "bodySizeLimit")}},
+        required=("selector", "endpoints"))}},
+    ("serving.kserve.io/v1alpha1", "ServingRuntime"): {"properties": {"spec": _closed({
+        "supportedModelFormats": {"type": "array", "items": _closed(
+            {"name": {"type": "string"}, "version": {"type": "string"}, "autoSelect": {"type": "boolean"},
+             "priority": {"type": "integer", "minimum": 1}}, required=("name",))},
+        "protocolVersions": {"type": "array", "items": _PROTOCOLS},
+        "multiModel": {"type": "boolean"},
+        "disabled": {"type": "boolean"},
+        "containers": {"type": "array", "minItems": 1},
+        **{k: _ANY for k in ("volumes", "nodeSelector", "affinity", "tolerations", "labels", "annotations",
+                             "imagePullSecrets", "hostIPC", "workerSpec", "grpcEndpoint", "grpcDataEndpoint",
+                             "httpDataEndpoint", "replicas", "storageHelper", "builtInAdapter")}},
+        required=("containers", "supportedModelFormats", "protocolVersions"))}},
+    ("serving.kserve.io/v1beta1", "InferenceService"): {"properties": {"spec": _closed({
+        "predictor": _closed({
+            "minReplicas": {"type": "integer"}, "maxReplicas": {"type": "integer"},
+            "model": _closed({"modelFormat": _closed({"name": {"type": "string"}, "version": {"type": "string"}},
+                                                     required=("name",)),
+                              "runtime": {"type": "string"}, "protocolVersion": _PROTOCOLS},
+                             required=("modelFormat", "runtime"))},
+            required=("model",)),
+        "explainer": _ANY, "transformer": _ANY},
+        required=("predictor",))}},
 }
+
+
+def check_custom_resource(doc: dict) -> None:
+    """jsonschema.ValidationError unless doc passes its CRD_SCHEMAS subset."""
+    jsonschema.validate(doc, {"required": ["apiVersion", "kind", "metadata", "spec"],
+                              "properties": {"metadata": _META}, **CRD_SCHEMAS[(doc["apiVersion"], doc["kind"])]})
+
 
 MODELS = """
 [models.bert-qa]
@@ -78,18 +110,21 @@ source = "/srv/models/minilm"
 """
 
 
-def write_config(tmp_path: Path, backend: str = "neuron", extra: str = "", models: str = MODELS) -> Path:
+def write_config(tmp_path: Path, backend: str = "neuron", extra: str = "", models: str = MODELS,
+                 memory: str | None = "4Gi") -> Path:
+    """memory: kubernetes.memory (None: unset, required unless every model is a CPU one compiled here)."""
     path = tmp_path / "etc" / "neuronserve.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f'[server]\nbackend = "{backend}"\nmodel_repository = "{tmp_path}/repo"\n'
                     'start_timeout_s = 301.5\ngraceful_timeout_s = 20.5\n\n'
-                    '[kubernetes]\nimage = "registry.example.com/neuronserve:0.2.0"\n' + extra + models)
+                    '[kubernetes]\nimage = "registry.example.com/neuronserve:0.2.0"\n'
+                    + (f'memory = "{memory}"\n' if memory else "") + extra + models)
     return path
 
 
 def rendered(tmp_path: Path, backend: str = "neuron", extra: str = "", models: str = MODELS,
-             out: str = "k8s") -> dict[Path, str]:
-    cfg = config.load(write_config(tmp_path, backend, extra, models))
+             out: str = "k8s", memory: str | None = "4Gi") -> dict[Path, str]:
+    cfg = config.load(write_config(tmp_path, backend, extra, models, memory))
     return kubernetes.render_files(Layout(tmp_path / "root", cfg), tmp_path / out)
 
 
@@ -111,6 +146,21 @@ def pod_spec(files, name="neuronserve-bert-qa") -> dict:
 def server(files, name="neuronserve-bert-qa") -> dict:
     (c,) = pod_spec(files, name)["containers"]
     return c
+
+
+def qos_class(spec: dict) -> str:
+    """The QoS class Kubernetes gives a pod of this spec, by its rules: BestEffort when no container (init ones
+    included) requests or limits cpu or memory (device resources do not count); Guaranteed when every one has cpu
+    and memory limits and its requests (defaulting to its limits) equal them; Burstable otherwise."""
+    resources = []
+    for c in spec["containers"] + spec.get("initContainers", []):
+        limits = c.get("resources", {}).get("limits", {})
+        resources.append(({**limits, **c.get("resources", {}).get("requests", {})}, limits))
+    if not any(r in requests or r in limits for requests, limits in resources for r in ("cpu", "memory")):
+        return "BestEffort"
+    if all(r in limits and requests[r] == limits[r] for requests, limits in resources for r in ("cpu", "memory")):
+        return "Guaranteed"
+    return "Burstable"
 
 
 def compiled_cpu(tmp_path: Path, name: str, size: int) -> None:
@@ -152,8 +202,7 @@ def test_every_manifest_is_valid_for_two_kubernetes_versions(tmp_path, backend, 
                 # a custom resource: no schema in kubernetes-validate (it says so), checked by CRD_SCHEMAS instead
                 with pytest.raises(kubernetes_validate.SchemaNotFoundError):
                     kubernetes_validate.validate(doc, version, strict=True)
-                jsonschema.validate(doc, {"required": ["apiVersion", "kind", "metadata", "spec"],
-                                          "properties": {"metadata": _META}, **schema})
+                check_custom_resource(doc)
                 if doc["kind"] == "ServingRuntime":
                     kubernetes_validate.validate(_as_pod(doc), version, strict=True)
     core = {"Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
@@ -177,22 +226,113 @@ def test_the_validator_rejects_what_a_cluster_would(tmp_path):
         kubernetes_validate.validate(deployment, VERSIONS[1], strict=True)
 
 
+@pytest.mark.parametrize("kind, path, misspelt", [
+    ("ServiceMonitor", ("spec",), "namespaceSelecter"),
+    ("ServiceMonitor", ("spec", "namespaceSelector"), "matchName"),
+    ("ServiceMonitor", ("spec", "selector"), "matchLabel"),
+    ("ServiceMonitor", ("spec", "endpoints", 0), "interval_s"),
+    ("ServingRuntime", ("spec",), "protocolVersion"),
+    ("ServingRuntime", ("spec", "supportedModelFormats", 0), "autoselect"),
+    ("InferenceService", ("spec",), "predicter"),
+    ("InferenceService", ("spec", "predictor"), "minReplica"),
+    ("InferenceService", ("spec", "predictor", "model"), "runtimeName"),
+    ("InferenceService", ("spec", "predictor", "model", "modelFormat"), "named"),
+])
+def test_the_crd_subsets_reject_a_misspelt_field(tmp_path, kind, path, misspelt):
+    doc = one(rendered(tmp_path), kind)
+    check_custom_resource(doc)
+    node = doc
+    for step in path:
+        node = node[step]
+    node[misspelt] = "x"
+    with pytest.raises(jsonschema.ValidationError, match=misspelt):
+        check_custom_resource(doc)
+
+
 # ---------------------------------------------------------------- what the manifests mean
 
+@pytest.mark.parametrize("backend", ["neuron", "cuda", "cpu"])
+@pytest.mark.parametrize("volume", ["pvc", "compile"])
+def test_every_pod_is_guaranteed(tmp_path, backend, volume):
+    """cpu and memory requested = their limits in every container (the compile initContainer and KServe's too),
+    the device's as well: the Guaranteed QoS class, the last evicted under memory pressure."""
+    extra = 'model_volume = "compile"\nsources_claim = "hf-sources"\n' if volume == "compile" else ""
+    files = rendered(tmp_path, backend, extra)
+    specs = [pod_spec(files, name) for name in ("neuronserve-bert-qa", "neuronserve-mini-lm")]
+    if volume == "pvc":
+        specs += [one(files, "ServingRuntime", name)["spec"] for name in ("neuronserve-bert-qa",
+                                                                          "neuronserve-mini-lm")]
+    for spec in specs:
+        assert qos_class(spec) == "Guaranteed"
+        for c in spec["containers"] + spec.get("initContainers", []):
+            assert c["resources"]["requests"] == c["resources"]["limits"]
+            assert {"cpu", "memory"} <= set(c["resources"]["limits"])
+            if backend != "cpu":
+                assert kubernetes.DEVICE_RESOURCES[backend] in c["resources"]["limits"]
+    # what the check tells apart: a pod without a memory limit is Burstable, and one asking for its device only
+    # (as these pods did) BestEffort, the first a node under memory pressure evicts
+    cpu_only = {"requests": {"cpu": "1"}, "limits": {"cpu": "1"}}
+    assert qos_class({"containers": [{"resources": cpu_only}]}) == "Burstable"
+    guaranteed = {"limits": {"cpu": "1", "memory": "1Gi"}}
+    assert qos_class({"containers": [{"resources": guaranteed}]}) == "Guaranteed"
+    assert qos_class({"containers": [{"resources": guaranteed}], "initContainers": [{"name": "x"}]}) == "Burstable"
+    device_only = {"requests": {"aws.amazon.com/neuroncore": "1"}, "limits": {"aws.amazon.com/neuroncore": "1"}}
+    assert qos_class({"containers": [{"resources": device_only}]}) == "BestEffort"
+
+
 def test_resources_per_backend(tmp_path):
-    neuron = server(rendered(tmp_path / "n", "neuron"))["resources"]
-    assert neuron == {"requests": {"aws.amazon.com/neuroncore": "2"}, "limits": {"aws.amazon.com/neuroncore": "2"}}
-    assert pod_spec(rendered(tmp_path / "n", "neuron"))["tolerations"][0]["key"] == "aws.amazon.com/neuron"
-    cuda = rendered(tmp_path / "g", "cuda")
-    assert server(cuda)["resources"] == {"requests": {"nvidia.com/gpu": "2"}, "limits": {"nvidia.com/gpu": "2"}}
-    assert server(cuda, "neuronserve-mini-lm")["resources"]["limits"] == {"nvidia.com/gpu": "1"}
-    # CPU: the group's CPUs, and memory only where the plan counts a compiled model's footprint (+1 GiB process)
+    neuron = rendered(tmp_path / "n", "neuron")
+    assert server(neuron)["resources"] == {
+        "requests": {"aws.amazon.com/neuroncore": "2", "cpu": "2", "memory": "4Gi"},
+        "limits": {"aws.amazon.com/neuroncore": "2", "cpu": "2", "memory": "4Gi"}}
+    assert pod_spec(neuron)["tolerations"][0]["key"] == "aws.amazon.com/neuron"
+    # kubernetes.cpu_per_core CPUs per device core, a decimal quantity where not whole
+    cuda = rendered(tmp_path / "g", "cuda", extra="cpu_per_core = 1.5\n", memory="6.5Gi")
+    assert server(cuda)["resources"] == {"requests": {"nvidia.com/gpu": "2", "cpu": "3", "memory": "6.5Gi"},
+                                         "limits": {"nvidia.com/gpu": "2", "cpu": "3", "memory": "6.5Gi"}}
+    assert server(cuda, "neuronserve-mini-lm")["resources"]["limits"] == {"nvidia.com/gpu": "1", "cpu": "1.5",
+                                                                          "memory": "6.5Gi"}
+    # CPU: the group's CPUs, and unset memory is what the plan counts of a compiled model (+1 GiB process)
     compiled_cpu(tmp_path / "c", "bert-qa", GIB // 2)
-    cpu = rendered(tmp_path / "c", "cpu")
+    compiled_cpu(tmp_path / "c", "mini_lm", 3 * GIB)
+    cpu = rendered(tmp_path / "c", "cpu", memory=None)
     assert server(cpu)["resources"] == {"requests": {"cpu": "2", "memory": "1536Mi"},
                                         "limits": {"cpu": "2", "memory": "1536Mi"}}
-    assert server(cpu, "neuronserve-mini-lm")["resources"] == {"requests": {"cpu": "1"}, "limits": {"cpu": "1"}}
+    assert server(cpu, "neuronserve-mini-lm")["resources"] == {"requests": {"cpu": "1", "memory": "4096Mi"},
+                                                               "limits": {"cpu": "1", "memory": "4096Mi"}}
     assert "tolerations" not in pod_spec(cpu)
+    # set, it is every pod's: never less than the plan counts
+    assert server(rendered(tmp_path / "c", "cpu", memory="5Gi", out="set"))["resources"]["limits"] == \
+        {"cpu": "2", "memory": "5Gi"}
+    with pytest.raises(ConfigError, match=r"kubernetes.memory 2Gi is less than the 4096Mi the plan counts for "
+                                          r"models.mini_lm"):
+        rendered(tmp_path / "c", "cpu", memory="2Gi", out="small")
+
+
+def test_memory_is_required_where_the_plan_cannot_count_it(tmp_path):
+    for backend in ("neuron", "cuda"):
+        with pytest.raises(ConfigError, match=r"kubernetes.memory is not set and the plan counts a Neuron or "
+                                              r"CUDA model's device memory.*memory = \"4Gi\""):
+            rendered(tmp_path / backend, backend, memory=None)
+    # a CPU model not compiled here: nothing to count
+    compiled_cpu(tmp_path / "c", "bert-qa", GIB // 2)
+    with pytest.raises(ConfigError, match=r"kubernetes.memory is not set and models.mini_lm is not compiled"):
+        rendered(tmp_path / "c", "cpu", memory=None)
+    with pytest.raises(ConfigError, match=r"kubernetes.memory 512Mi is less than the 1Gi"):
+        rendered(tmp_path / "small", memory="512Mi")
+    for bad in ("4 GiB", "4gb", "-1Gi", "1e9"):
+        with pytest.raises(ConfigError, match="memory"):
+            rendered(tmp_path / "bad", memory=bad)
+    assert kubernetes.memory_bytes("1.5Gi") == 3 * GIB // 2 and kubernetes.memory_bytes("2G") == 2 * 10**9
+    assert kubernetes.memory_bytes("1073741824") == GIB
+
+
+@pytest.mark.parametrize("value, text", [(2.5, "2.5"), (4.0, "4"), (0.1, "0.1"), (1e-7, "0.001"),
+                                         (1 / 3, "0.334"), (0.0015, "0.002"), (0.25, "0.25"),
+                                         (1234.5678, "1234.568"), (1e6, "1000000"), (0.07, "0.07")])
+def test_quantities_keep_the_value(value, text):
+    """Kubernetes keeps three decimal places, rounding a finer quantity up: so does quantity(), never to 0."""
+    assert kubernetes.quantity(value) == text
 
 
 def test_auto_is_refused_and_the_cli_names_the_backend_option(tmp_path):
@@ -257,11 +397,29 @@ def test_one_set_of_labels_across_every_selector(tmp_path):
         assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
         hpa = one(files, "HorizontalPodAutoscaler", name)
         assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
-        assert hpa["spec"]["minReplicas"] == deployment["spec"]["replicas"] == 2
+        # the autoscaler owns the scale: a replicas in the Deployment would reset it at every kubectl apply
+        assert "replicas" not in deployment["spec"]
+        assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 8)     # kubernetes.replicas, max
         assert one(files, "InferenceService", name)["spec"]["predictor"]["model"]["runtime"] == \
             one(files, "ServingRuntime", name)["metadata"]["name"]
     other = one(files, "Deployment", "neuronserve-mini-lm")["spec"]["selector"]["matchLabels"]
     assert other != one(files, "Deployment")["spec"]["selector"]["matchLabels"]
+
+
+def test_replica_bounds_and_the_disruption_budget(tmp_path):
+    files = rendered(tmp_path, extra="replicas = 3\nmax_replicas = 5\n")
+    hpa = one(files, "HorizontalPodAutoscaler")["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 5) and "replicas" not in one(files, "Deployment")["spec"]
+    assert one(files, "InferenceService")["spec"]["predictor"] | {"model": None} == \
+        {"minReplicas": 3, "maxReplicas": 5, "model": None}
+    # several pods: a drain takes one at a time; unready pods serve nothing, a drain may always evict them
+    pdb = one(files, "PodDisruptionBudget")["spec"]
+    assert pdb["maxUnavailable"] == 1 and "minAvailable" not in pdb
+    assert pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    # one pod: a drain evicts it only while another one is ready, never taking the model to no pod
+    lone = one(rendered(tmp_path / "lone", extra="replicas = 1\n"), "PodDisruptionBudget")["spec"]
+    assert lone["minAvailable"] == 1 and "maxUnavailable" not in lone
+    assert lone["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
 
 
 def test_the_autoscaler_reads_the_gauge_the_server_exports(tmp_path):
@@ -276,6 +434,10 @@ def test_the_autoscaler_reads_the_gauge_the_server_exports(tmp_path):
     assert rule["name"]["as"] == name and re.fullmatch(rule["name"]["matches"], name)
     assert rule["seriesQuery"].startswith(name + "{")
     assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    # a target finer than Kubernetes' thousandths is rounded up to one, never down to 0
+    tiny = rendered(tmp_path / "tiny", extra="queue_depth_target = 0.0000001\n")
+    (metric,) = one(tiny, "HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert metric["pods"]["target"]["averageValue"] == "0.001"
 
 
 def test_startup_budget_and_termination_grace(tmp_path):
@@ -336,6 +498,15 @@ def test_models_from_a_claim_or_compiled_by_an_init_container(tmp_path):
 
     with pytest.raises(ConfigError, match="not under kubernetes.sources_path"):
         rendered(tmp_path / "o", extra='model_volume = "compile"\nsources_claim = "s"\nsources_path = "/data"\n')
+    # the image runs offline: a hub id (or a path relative to the config) cannot be compiled in a pod
+    for source in ("bert-base-uncased", "sentence-transformers/all-MiniLM-L6-v2", "models/minilm"):
+        with pytest.raises(ConfigError, match=rf"models.mini_lm.source '{source}' is not a directory under "
+                                              r"kubernetes.sources_path .*HF_HUB_OFFLINE=1.*sources_claim"):
+            rendered(tmp_path / "hub", extra='model_volume = "compile"\nsources_claim = "s"\n',
+                     models=MODELS.replace('"/srv/models/minilm"', f'"{source}"'))
+    # a compiled repository on a claim takes any source: the pods never read it
+    hub = rendered(tmp_path / "hub-pvc", models=MODELS.replace('"/srv/models/minilm"', '"bert-base-uncased"'))
+    assert "initContainers" not in pod_spec(hub, "neuronserve-mini-lm")
     with pytest.raises(ConfigError, match="set kubernetes.sources_claim"):
         rendered(tmp_path / "n", extra='model_volume = "compile"\n')
 
