@@ -1,9 +1,14 @@
 """Plain CPUs: the cores are the CPUs this process may run on (os.sched_getaffinity, which a cgroup's cpuset
-already narrows), and the threads they may keep busy are capped by the cgroup's CPU quota, when it has one.
+already narrows); in pod mode the threads they may keep busy are also capped by the cgroup's CPU quota.
 
 A container limited to 2 CPUs of time (Kubernetes `limits.cpu: 2`, `podman --cpus 2`) still sees every CPU of
 the node in its affinity: only cgroup v2's cpu.max or v1's cpu.cfs_quota_us / cpu.cfs_period_us say how much of
 them it gets. More torch threads than that only get the process throttled, so the quota caps the thread count.
+
+Only a pod asks for the quota (discover(quota=True), from `neuronserve pod`): there this process's cgroup is the
+container's, which is the one group's. On a host the CLI's cgroup (a user slice, a `systemd-run -p CPUQuota`
+scope, a CI container) says nothing of the units', which run in system.slice, and one quota for the whole
+process would be no limit of each group; so render, apply and up see the affinity alone.
 """
 from __future__ import annotations
 
@@ -14,14 +19,15 @@ from pathlib import Path
 from neuronserve.devices import Core, Host, host_env
 
 
-def discover(affinity: set[int] | None = None, root: Path | str = "/") -> Host:
-    """root: where /proc and /sys/fs/cgroup live (tests point it at a fake tree)."""
+def discover(affinity: set[int] | None = None, root: Path | str = "/", quota: bool = False) -> Host:
+    """quota: cap the threads by this process's cgroup CPU quota (pod mode only: the pod's cgroup is its group's);
+    root: where /proc and /sys/fs/cgroup live (tests point it at a fake tree)."""
     cpus = sorted(affinity if affinity is not None else os.sched_getaffinity(0))
     host = Host(backend="cpu", kind="cpu", cores=[Core(index=c, device=0, cpus=(c,)) for c in cpus],
                 source="sched_getaffinity")
-    quota = cpu_quota(Path(root))
-    if quota is not None:
-        host.details["cpu_quota"] = quota
+    limit = cpu_quota(Path(root)) if quota else None
+    if limit is not None:
+        host.details["cpu_quota"] = limit
         host.source += " + cgroup CPU quota"
     return host
 

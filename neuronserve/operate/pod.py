@@ -6,18 +6,22 @@ the pod was given:
 
 - Neuron: NEURON_RT_VISIBLE_CORES, set by the Neuron device plugin for the cores it allocated, used as it is;
 - CUDA: CUDA_VISIBLE_DEVICES when set (indices or UUIDs), else every GPU the container sees;
-- CPU: the CPUs of the cgroup's cpuset (the affinity), with as many threads as its CPU quota feeds.
+- CPU: the CPUs of the cgroup's cpuset (the affinity), with as many threads as its CPU quota feeds (read only
+  here: the pod's cgroup is its one group's, as a host CLI's cgroup is none of its units').
 
 It listens on every address at the front's ports, nginx.listen's for HTTP and nginx.grpc_listen's for gRPC
 (empty: none), so that a Service and the probes reach a pod where clients reach a host's front.
 
 This process then becomes gunicorn (exec): as the container's PID 1 it gets the SIGTERM Kubernetes sends on
 stop, and gunicorn stops gracefully: the worker stops accepting, answers what it holds within
-server.graceful_timeout_s, and the master exits 0.
+server.graceful_timeout_s, and the master exits 0. Until the exec, SIGTERM and SIGINT end this process at once
+(status 143 and 130): PID 1 ignores a signal it has no handler for, so a stop during discovery would otherwise
+wait out the whole grace period for its SIGKILL.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -27,8 +31,8 @@ from typing import Callable, NoReturn
 
 from neuronserve.build.artifact import read_manifest
 from neuronserve.config import Config
-from neuronserve.context import discover
-from neuronserve.devices import Host, given_cores
+from neuronserve.context import discovery_options
+from neuronserve.devices import Host, discover_host, given_cores
 from neuronserve.errors import ConfigError
 from neuronserve.layout import Layout
 from neuronserve.plan import Plan, listen_port, make_plan
@@ -36,6 +40,20 @@ from neuronserve.render import render_files, write_files
 
 # a pod is reached through its own IP (Service, probes), never through a front on its loopback
 LISTEN_HOST = "0.0.0.0"
+# what ends the pod before it becomes gunicorn (which then handles them itself)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def stop_now(signum: int, frame=None) -> NoReturn:
+    """Until the exec: end at once with the shell's status for the signal (143 for SIGTERM, 130 for SIGINT)."""
+    os.write(2, f"neuronserve pod: {signal.Signals(signum).name} before the server started\n".encode())
+    os._exit(128 + signum)
+
+
+def pod_host(cfg: Config, environ: Mapping[str, str]) -> Host:
+    """The cores this pod was given (given_cores), a CPU pod's threads capped by its cgroup's CPU quota."""
+    options = {**discovery_options(cfg), "cpu": {"quota": True}}
+    return given_cores(discover_host(cfg.server.backend, **options), environ)
 
 
 def pod_plan(cfg: Config, model: str, host: Host) -> Plan:
@@ -72,13 +90,21 @@ def command(plan: Plan, scratch: Path, environ: Mapping[str, str]) -> tuple[list
 def run(cfg: Config, model: str, *, environ: Mapping[str, str] = os.environ,
         out: Callable[[str], None] = print) -> NoReturn:
     """Plan the pod's group, check its model is compiled for this backend, and become its gunicorn."""
-    plan = pod_plan(cfg, model, given_cores(discover(cfg), environ))
-    [group] = plan.groups
-    read_manifest(group.settings.model_dir, backend=plan.host.backend, verify=False)
-    argv, env = command(plan, Path(tempfile.mkdtemp(prefix="neuronserve-pod-")), environ)
-    grpc = f", gRPC :{group.grpc_port}" if group.grpc_port else ""
-    out(f"neuronserve pod: {model} on {plan.host.backend} cores {group.core_list} ({plan.host.source}), "
-        f"{group.settings.copies} copies x {group.settings.threads} threads, HTTP :{group.port}{grpc}")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(argv[0], argv, env)
+    previous = {sig: signal.signal(sig, stop_now) for sig in STOP_SIGNALS}
+    try:
+        plan = pod_plan(cfg, model, pod_host(cfg, environ))
+        [group] = plan.groups
+        read_manifest(group.settings.model_dir, backend=plan.host.backend, verify=False)
+        argv, env = command(plan, Path(tempfile.mkdtemp(prefix="neuronserve-pod-")), environ)
+        grpc = f", gRPC :{group.grpc_port}" if group.grpc_port else ""
+        out(f"neuronserve pod: {model} on {plan.host.backend} cores {group.core_list} ({plan.host.source}), "
+            f"{group.settings.copies} copies x {group.settings.threads} threads, HTTP :{group.port}{grpc}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # the exec resets handled signals to their defaults; gunicorn's master sets its own
+        os.execve(argv[0], argv, env)
+    except BaseException:
+        # not a pod after all (a bad config, a missing model, a failed exec): the caller's handlers again
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        raise

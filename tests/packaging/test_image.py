@@ -2,10 +2,12 @@
 
 The image is built from this checkout's .deb; a small BERT compiled here for the CPU is mounted read-only where
 the config's model repository is, the config where Kubernetes mounts it, and `neuronserve pod --model cls` runs
-with --network=host on free ports and one CPU's worth of quota (--cpus 1). Its answers are held against the eager
-transformers model; its processes must run as the image's `neuronserve` user with gunicorn as the container's
-PID 1 (exec'd, so it gets the SIGTERM), and `podman stop` with requests in flight must answer every one of them
-and end the container by itself, status 0, within the grace period.
+with --network=host on free ports and one CPU's worth of quota (--cpus 1), as the Kubernetes manifests run it
+(templates/kubernetes/_pod.yaml.j2): a read-only root (readOnlyRootFilesystem; without podman's own tmpfs on
+/run, /tmp and /var/tmp), a scratch /tmp and /var/tmp (the emptyDir) and HOME=/tmp. Its answers are held against
+the eager transformers model; its processes must run as the image's `neuronserve` user with gunicorn as the
+container's PID 1 (exec'd, so it gets the SIGTERM), and `podman stop` with requests in flight must answer every
+one of them and end the container by itself, status 0, within the grace period.
 
 podman runs with runc and a CONTAINERS_CONF without default ulimits (reference/TESTING.md: crun refuses hybrid
 cgroups, and the sandbox forbids raising RLIMIT_NPROC/NOFILE); its cgroupfs manager's leftovers under
@@ -38,6 +40,10 @@ SPEC.loader.exec_module(image_py)
 
 TAG = f"localhost/neuronserve-test:{neuronserve.__version__}"
 NAME = "neuronserve-test-pod"
+# what the manifests give the container besides its mounts (_pod.yaml.j2): the root read-only, an emptyDir at
+# /tmp and /var/tmp (a tmpfs here; an emptyDir is a plain directory, so not noexec), HOME on it
+READ_ONLY_AS_KUBERNETES = ("--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp:rw,exec,nosuid,nodev",
+                           "--tmpfs", "/var/tmp:rw,exec,nosuid,nodev", "--env", "HOME=/tmp")
 GRACE_S = 20            # server.graceful_timeout_s; podman stop waits a little longer before its SIGKILL
 STOP_WAIT_S = GRACE_S + 10
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "a pod serves one core group", "short"]
@@ -140,71 +146,130 @@ def environ(pid: int) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
 
 
+def cleanup(cgroup_before: str) -> list[str]:
+    """Remove the container and podman's cgroup leftovers; what went wrong, as text (never raises)."""
+    problems = []
+    try:
+        done = podman("rm", "-f", NAME, check=False)
+        if done.returncode != 0:
+            problems.append(f"podman rm -f {NAME}: rc {done.returncode}: {done.stderr.strip()[-500:]}")
+        remove_libpod_cgroups()
+        if Path("/proc/1/cgroup").read_text() != cgroup_before:
+            problems.append(f"PID 1's cgroups changed:\n{cgroup_before}->\n{Path('/proc/1/cgroup').read_text()}")
+    except Exception as e:      # reported, beside the test's own failure if it has one
+        problems.append(f"{type(e).__name__}: {e}")
+    return problems
+
+
 def test_the_image_serves_a_pod_as_its_user_and_stops_gracefully(image, compiled, tmp_path):
+    cgroup_before = Path("/proc/1/cgroup").read_text()
+    podman("rm", "-f", NAME, check=False)
+    try:
+        serve_and_stop(image, compiled, tmp_path)
+    except BaseException as e:
+        # the test's own failure stays the one reported; the cleanup's problems are added to it
+        for problem in cleanup(cgroup_before):
+            e.add_note(f"cleanup: {problem}")
+        raise
+    problems = cleanup(cgroup_before)
+    assert not problems, "\n".join(problems)
+
+
+def serve_and_stop(image: str, compiled: tuple[Path, Path], tmp_path: Path) -> None:
     import transformers
 
     repo, source = compiled
-    cgroup_before = Path("/proc/1/cgroup").read_text()
     http = free_port_block(2)
     conf = tmp_path / "neuronserve.toml"
     conf.write_text(config_text(http, http + 1))
     conf.chmod(0o644)
     url = f"http://127.0.0.1:{http}"
-    podman("rm", "-f", NAME, check=False)
-    try:
-        started = time.monotonic()
-        podman("run", "-d", "--name", NAME, "--network=host", "--cpus=1",
-               "-v", f"{conf}:/etc/neuronserve/neuronserve.toml:ro",
-               "-v", f"{repo}:/var/lib/neuronserve/models:ro", image, "pod", "--model", "cls")
-        wait_ready(url, NAME)
-        print(f"container ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    started = time.monotonic()
+    podman("run", "-d", "--name", NAME, "--network=host", "--cpus=1", *READ_ONLY_AS_KUBERNETES,
+           "-v", f"{conf}:/etc/neuronserve/neuronserve.toml:ro",
+           "-v", f"{repo}:/var/lib/neuronserve/models:ro", image, "pod", "--model", "cls")
+    wait_ready(url, NAME)
+    print(f"container ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
 
-        # the eager model's answers, over HTTP and through gRPC on the second port
-        pipe = transformers.pipeline("text-classification", model=str(source), top_k=None, device="cpu")
-        got = httpx.post(url + "/models/cls", json={"inputs": TEXTS}, timeout=60)
-        assert got.status_code == 200, got.text
-        for text, expected, answer in zip(TEXTS, pipe(TEXTS), got.json()):
-            assert {a["label"]: a["score"] for a in answer} == pytest.approx(
-                {e["label"]: e["score"] for e in expected}, abs=1e-5), text
-        import tritonclient.grpc as triton
-        assert triton.InferenceServerClient(f"127.0.0.1:{http + 1}").is_model_ready("cls")
+    # the eager model's answers, over HTTP and through gRPC on the second port
+    pipe = transformers.pipeline("text-classification", model=str(source), top_k=None, device="cpu")
+    got = httpx.post(url + "/models/cls", json={"inputs": TEXTS}, timeout=60)
+    assert got.status_code == 200, got.text
+    for text, expected, answer in zip(TEXTS, pipe(TEXTS), got.json()):
+        assert {a["label"]: a["score"] for a in answer} == pytest.approx(
+            {e["label"]: e["score"] for e in expected}, abs=1e-5), text
+    import tritonclient.grpc as triton
+    assert triton.InferenceServerClient(f"127.0.0.1:{http + 1}").is_model_ready("cls")
 
-        # PID 1 is gunicorn itself (pod exec'd it) and every process is the image's unprivileged user
-        user = podman("image", "inspect", "--format", "{{.Config.User}}", image).stdout.strip()
-        uid, gid = (int(x) for x in user.split(":"))
-        pid1 = state(NAME)["Pid"]
-        [worker] = children(pid1)
-        assert b"gunicorn" in Path(f"/proc/{pid1}/cmdline").read_bytes()
-        for pid in (pid1, worker):
-            assert proc_status(pid)["Uid"].split()[0] == str(uid) != "0"
-            assert proc_status(pid)["Gid"].split()[0] == str(gid)
-        assert podman("exec", NAME, "id", "-un").stdout.strip() == "neuronserve"
-        # --cpus 1 on this 2-CPU machine: the quota, not the cpuset, decides the threads
-        env = environ(worker)
-        assert env["NEURONSERVE_THREADS"] == env["OMP_NUM_THREADS"] == "1", env
-        assert env["NEURONSERVE_LISTEN_HOST"] == "0.0.0.0" and env["HF_HUB_OFFLINE"] == "1"
+    # PID 1 is gunicorn itself (pod exec'd it) and every process is the image's unprivileged user
+    user = podman("image", "inspect", "--format", "{{.Config.User}}", image).stdout.strip()
+    uid, gid = (int(x) for x in user.split(":"))
+    pid1 = state(NAME)["Pid"]
+    [worker] = children(pid1)
+    assert b"gunicorn" in Path(f"/proc/{pid1}/cmdline").read_bytes()
+    for pid in (pid1, worker):
+        assert proc_status(pid)["Uid"].split()[0] == str(uid) != "0"
+        assert proc_status(pid)["Gid"].split()[0] == str(gid)
+    assert podman("exec", NAME, "id", "-un").stdout.strip() == "neuronserve"
+    # the root is read-only, even where the image's user owns a directory; the scratch is writable
+    denied = podman("exec", NAME, "touch", "/var/lib/neuronserve/probe", check=False)
+    assert denied.returncode != 0 and "Read-only file system" in denied.stderr, denied
+    podman("exec", NAME, "touch", "/tmp/probe", "/var/tmp/probe")
+    # --cpus 1 on this 2-CPU machine: the quota, not the cpuset, decides the threads
+    env = environ(worker)
+    assert env["NEURONSERVE_THREADS"] == env["OMP_NUM_THREADS"] == "1", env
+    assert env["NEURONSERVE_LISTEN_HOST"] == "0.0.0.0" and env["HF_HUB_OFFLINE"] == "1"
+    assert env["HOME"] == "/tmp"
 
-        # requests in flight (seconds of work each on one CPU, queued behind one another) when stopped
-        def slow(i: int) -> tuple[int, int | str]:
-            r = httpx.post(url + "/models/cls", json={"inputs": [f"{i} {LONG_TEXT}"] * LONG_ITEMS}, timeout=120)
-            return r.status_code, len(r.json()) if r.status_code == 200 else r.text
+    # requests in flight (seconds of work each on one CPU, queued behind one another) when stopped
+    def slow(i: int) -> tuple[int, int | str]:
+        r = httpx.post(url + "/models/cls", json={"inputs": [f"{i} {LONG_TEXT}"] * LONG_ITEMS}, timeout=120)
+        return r.status_code, len(r.json()) if r.status_code == 200 else r.text
 
-        with ThreadPoolExecutor(IN_FLIGHT) as pool:
-            futures = [pool.submit(slow, i) for i in range(IN_FLIGHT)]
-            time.sleep(1.0)
-            in_flight = sum(not f.done() for f in futures)
-            stopping = time.monotonic()
-            stop = podman("stop", "-t", str(STOP_WAIT_S), NAME, timeout=STOP_WAIT_S + 30)
-            stopped_in = time.monotonic() - stopping
-            answers = [f.result() for f in futures]
-        print(f"stopped in {stopped_in:.1f} s with {in_flight} requests in flight", file=sys.stderr)
-        assert in_flight >= IN_FLIGHT - 1, f"only {in_flight} of {IN_FLIGHT} requests were in flight at the stop"
-        assert answers == [(200, LONG_ITEMS)] * IN_FLIGHT, answers
-        final = state(NAME)
-        logs = podman("logs", NAME, check=False).stderr
-        assert final["ExitCode"] == 0 and stopped_in < GRACE_S, (stop, final, logs[-3000:])
-        assert "Handling signal: term" in logs and "Shutting down: Master" in logs, logs[-3000:]
-    finally:
-        podman("rm", "-f", NAME, check=False)
-        remove_libpod_cgroups()
-        assert Path("/proc/1/cgroup").read_text() == cgroup_before
+    with ThreadPoolExecutor(IN_FLIGHT) as pool:
+        futures = [pool.submit(slow, i) for i in range(IN_FLIGHT)]
+        time.sleep(1.0)
+        in_flight = sum(not f.done() for f in futures)
+        stopping = time.monotonic()
+        stop = podman("stop", "-t", str(STOP_WAIT_S), NAME, timeout=STOP_WAIT_S + 30)
+        stopped_in = time.monotonic() - stopping
+        answers = [f.result() for f in futures]
+    print(f"stopped in {stopped_in:.1f} s with {in_flight} requests in flight", file=sys.stderr)
+    assert in_flight >= IN_FLIGHT - 1, f"only {in_flight} of {IN_FLIGHT} requests were in flight at the stop"
+    assert answers == [(200, LONG_ITEMS)] * IN_FLIGHT, answers
+    final = state(NAME)
+    logs = podman("logs", NAME, check=False).stderr
+    assert final["ExitCode"] == 0 and stopped_in < GRACE_S, (stop, final, logs[-3000:])
+    assert "Handling signal: term" in logs and "Shutting down: Master" in logs, logs[-3000:]
+
+
+def test_a_failed_stage_unmounts_its_root_and_never_removes_what_was_mounted(tmp_path, monkeypatch):
+    """A stage that fails with mounts in its root (a chroot's /proc, a bind mount of a host directory, what a
+    killed debootstrap leaves): the work directory goes, what was mounted there stays untouched."""
+    if image_py.os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    host_dir = tmp_path / "host"
+    host_dir.mkdir()
+    (host_dir / "precious").write_text("kept\n")
+    monkeypatch.setattr(image_py, "CACHE", tmp_path / "cache")
+    image_py.CACHE.mkdir()
+    seen = {}
+
+    def make(root: Path) -> None:
+        for rel in ("proc", "host", "deep"):
+            (root / rel).mkdir()
+        subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
+        subprocess.run(["mount", "--bind", str(host_dir), str(root / "host")], check=True)
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(root / "deep")], check=True)
+        (root / "deep" / "inner").mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(root / "deep" / "inner")], check=True)
+        seen["mounts"] = image_py.mounts_under(root)
+        raise RuntimeError("the stage failed")
+
+    with pytest.raises(RuntimeError, match="the stage failed"):
+        image_py.cached("selftest", make)
+    # the deepest first, then the last mounted
+    assert [Path(p).name for p in seen["mounts"]] == ["inner", "deep", "host", "proc"]
+    assert image_py.mounts_under(tmp_path) == []
+    assert list(image_py.CACHE.iterdir()) == []
+    assert (host_dir / "precious").read_text() == "kept\n"

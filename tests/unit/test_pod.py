@@ -40,9 +40,35 @@ def test_v2_the_tightest_of_the_cgroup_and_its_parents(tmp_path):
     cgroup_v2(tmp_path, POD_CGROUP, {POD_CGROUP: "max 100000", pod_slice: "250000 100000",
                                      "/kubepods.slice": "max 100000"})
     assert cpu.cpu_quota(tmp_path) == 2.5
-    host = cpu.discover(affinity=set(range(8)), root=tmp_path)
+    host = cpu.discover(affinity=set(range(8)), root=tmp_path, quota=True)
     assert host.details["cpu_quota"] == 2.5 and host.source == "sched_getaffinity + cgroup CPU quota"
     assert len(host.cores) == 8                       # the cpuset decides the CPUs, the quota the threads
+
+
+def test_a_host_ignores_the_clis_own_quota(tmp_path):
+    # render/apply/up run in a shell's cgroup (a capped user slice, a systemd-run scope, a CI container), not in
+    # the units': without quota=True discovery is the affinity alone, and every group gets its CPUs' threads
+    cgroup_v2(tmp_path, "/user.slice/user-1000.slice/session-1.scope",
+              {"/user.slice/user-1000.slice/session-1.scope": "max 100000",
+               "/user.slice/user-1000.slice": "100000 100000"})
+    assert cpu.cpu_quota(tmp_path) == 1.0
+    host = cpu.discover(affinity=set(range(8)), root=tmp_path)
+    assert "cpu_quota" not in host.details and host.source == "sched_getaffinity"
+    assert cpu.pin_env(host, list(range(8)), 1, config.Config(), "emb-0")["NEURONSERVE_THREADS"] == "8"
+    # the same tree in pod mode caps them
+    capped = cpu.discover(affinity=set(range(8)), root=tmp_path, quota=True)
+    assert cpu.pin_env(capped, list(range(8)), 1, config.Config(), "emb-0")["NEURONSERVE_THREADS"] == "1"
+
+
+def test_a_pod_reads_its_quota_and_a_host_context_does_not(tmp_path, monkeypatch):
+    from neuronserve import context
+
+    cgroup_v2(tmp_path / "fs", "/", {"/": "200000 100000"})
+    real = cpu.discover
+    monkeypatch.setattr(cpu, "discover", lambda **kw: real(affinity=set(range(8)), root=tmp_path / "fs", **kw))
+    cfg = load(tmp_path, 'backend = "cpu"\n')
+    assert "cpu_quota" not in context.discover(cfg).details
+    assert pod.pod_host(cfg, {}).details["cpu_quota"] == 2.0
 
 
 def test_v2_inside_a_cgroup_namespace(tmp_path):
@@ -55,7 +81,7 @@ def test_v2_unlimited_and_missing_files(tmp_path):
     cgroup_v2(tmp_path, "/", {"/": "max 100000"})
     assert cpu.cpu_quota(tmp_path) is None
     assert cpu.cpu_quota(tmp_path / "nothing-here") is None
-    host = cpu.discover(affinity={0, 1}, root=tmp_path)
+    host = cpu.discover(affinity={0, 1}, root=tmp_path, quota=True)
     assert "cpu_quota" not in host.details and host.source == "sched_getaffinity"
 
 
@@ -91,7 +117,7 @@ def test_v1_host_view_walks_up_to_a_limited_parent(tmp_path):
 @pytest.mark.parametrize("quota, copies, threads", [(None, 1, 8), (2.5, 1, 2), (2.5, 2, 1), (0.5, 1, 1),
                                                     (6.0, 2, 3)])
 def test_the_quota_caps_the_threads_not_the_cpus(quota, copies, threads):
-    host = cpu.discover(affinity=set(range(8)), root="/nonexistent")
+    host = cpu.discover(affinity=set(range(8)))
     if quota is not None:
         host.details["cpu_quota"] = quota
     env = cpu.pin_env(host, list(range(8)), copies, config.Config(), "emb-0")
@@ -112,7 +138,7 @@ def load(tmp_path: Path, extra: str = "", model_keys: str = "") -> config.Config
 
 def test_cpu_pod_one_group_on_every_address_at_the_fronts_ports(tmp_path):
     cgroup_v2(tmp_path / "fs", "/", {"/": "200000 100000"})
-    host = cpu.discover(affinity=set(range(8)), root=tmp_path / "fs")
+    host = cpu.discover(affinity=set(range(8)), root=tmp_path / "fs", quota=True)
     plan = pod.pod_plan(load(tmp_path), "emb", host)
     [g] = plan.groups
     assert (g.name, g.cores, g.port, g.grpc_port) == ("emb-0", list(range(8)), 8080, 8081)
@@ -133,14 +159,14 @@ def test_cpu_pod_one_group_on_every_address_at_the_fronts_ports(tmp_path):
 
 def test_listen_ports_come_from_the_front_and_grpc_can_be_off(tmp_path):
     cfg = load(tmp_path, '[nginx]\nlisten = "127.0.0.1:9000"\ngrpc_listen = ""\n')
-    [g] = pod.pod_plan(cfg, "cls", cpu.discover(affinity={0, 1}, root="/nonexistent")).groups
+    [g] = pod.pod_plan(cfg, "cls", cpu.discover(affinity={0, 1})).groups
     assert (g.name, g.port, g.grpc_port, g.env["NEURONSERVE_GRPC_PORT"]) == ("cls-0", 9000, 0, "0")
     assert g.env["NEURONSERVE_THREADS"] == "1"      # 2 CPUs shared by the default 2 copies
 
 
 def test_an_unknown_model_names_the_configured_ones(tmp_path):
     with pytest.raises(ConfigError, match=r"no \[models.qa\] in .*neuronserve.toml; configured: emb, cls"):
-        pod.pod_plan(load(tmp_path), "qa", cpu.discover(affinity={0}, root="/nonexistent"))
+        pod.pod_plan(load(tmp_path), "qa", cpu.discover(affinity={0}))
 
 
 def failing_neuron_ls(argv, timeout=None):
@@ -172,6 +198,12 @@ def test_cuda_pod_takes_gpus_by_index_or_uuid(tmp_path):
     assert [c.index for c in by_uuid.cores] == [2, 3]
     [g] = pod.pod_plan(load(tmp_path), "emb", by_uuid).groups
     assert g.env["CUDA_VISIBLE_DEVICES"] == "2,3" and g.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    # the indices are PCI bus order (nvidia-smi's, NVML's): the container's own CUDA_DEVICE_ORDER (CUDA's default
+    # is FASTEST_FIRST) and its device plugin's UUIDs give way to the group's
+    _, env = pod.command(pod.pod_plan(load(tmp_path), "emb", by_uuid), tmp_path / "scratch",
+                         {"CUDA_DEVICE_ORDER": "FASTEST_FIRST",
+                          "CUDA_VISIBLE_DEVICES": "GPU-c2a95e73-1f8b-40d6-b37a-6e5d2c1f0a98,3"})
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and env["CUDA_VISIBLE_DEVICES"] == "2,3"
     with pytest.raises(DeviceError, match="'GPU-nope' is neither a GPU index nor the UUID of one"):
         given_cores(host, {"CUDA_VISIBLE_DEVICES": "GPU-nope"})
     with pytest.raises(DeviceError, match="CUDA_VISIBLE_DEVICES='' names no core"):
@@ -191,3 +223,36 @@ def test_the_command_says_what_is_missing_before_it_execs(tmp_path):
     uncompiled = CliRunner().invoke(main, ["pod", "--model", "emb", "--config", str(path)])
     assert uncompiled.exit_code == 1
     assert f"{tmp_path}/models/emb/manifest.json: no compiled model here" in uncompiled.output
+
+
+def test_until_the_exec_sigterm_and_sigint_end_the_pod_at_once(tmp_path, monkeypatch):
+    # PID 1 ignores signals it has no handler for: the pod sets one until it becomes gunicorn
+    import signal
+
+    seen = {}
+
+    class Execed(Exception):
+        pass
+
+    def execve(path, argv, env):
+        seen.update({sig: signal.getsignal(sig) for sig in pod.STOP_SIGNALS}, argv=argv)
+        raise Execed
+
+    cgroup_v2(tmp_path / "fs", "/", {"/": "max 100000"})
+    real = cpu.discover
+    monkeypatch.setattr(cpu, "discover", lambda **kw: real(affinity={0, 1}, root=tmp_path / "fs", **kw))
+    monkeypatch.setattr(pod, "read_manifest", lambda *a, **kw: None)
+    monkeypatch.setattr(pod.os, "execve", execve)
+    cfg = load(tmp_path, 'backend = "cpu"\n')
+    before = {sig: signal.getsignal(sig) for sig in pod.STOP_SIGNALS}
+    with pytest.raises(Execed):
+        pod.run(cfg, "cls", environ={}, out=lambda line: None)
+    assert seen[signal.SIGTERM] is seen[signal.SIGINT] is pod.stop_now and "gunicorn" in seen["argv"]
+    # what failed before the exec gives the caller its handlers back
+    assert {sig: signal.getsignal(sig) for sig in pod.STOP_SIGNALS} == before
+
+    codes = []
+    monkeypatch.setattr(pod.os, "_exit", codes.append)
+    pod.stop_now(signal.SIGTERM)
+    pod.stop_now(signal.SIGINT)
+    assert codes == [143, 130]
