@@ -265,7 +265,8 @@ def test_kserve_v2_text_answers_as_the_task_route(served, task, body, parameters
     assert r.status_code == 200, r.text
     outputs = {o["name"]: o for o in r.json()["outputs"]}
     answers = [json.loads(a) for a in outputs["answer"]["data"]]
-    assert answers == post(client, name, {**body, "parameters": parameters})
+    # the same answers, to float rounding: the two requests may run in batches of different shapes
+    same(answers, post(client, name, {**body, "parameters": parameters}), rel=1e-6, abs=1e-6)
     logits = outputs["logits"]
     labels = len(model.config.id2label)
     if task == "token-classification":     # [texts, longest, labels]: the eager logits of each text's tokens
