@@ -153,8 +153,9 @@ class CpuSection(_Section):
                           "that are idle at that moment, with as many more threads; kept per bucket only where "
                           "measured faster")
     lend_min_batch_ms: float = Field(
-        50.0, ge=0, description="lend only for buckets whose batch takes at least this long on the group's own "
-                                "CPUs: re-sizing torch's thread pools costs milliseconds of CPU around a lent batch")
+        10.0, ge=0, description="lend only for buckets whose batch takes at least this long on the group's own "
+                                "CPUs: re-sizing torch's thread pools costs milliseconds of CPU around a lent batch "
+                                "(a 5 ms batch lost to it, a 13 ms one gained)")
 
 
 class MonitoringSection(_Section):
@@ -257,11 +258,12 @@ class ModelSection(_Section):
     max_batch_delay_ms: float = Field(1.0, ge=0, le=1000,
                                       description="how long the batcher may wait to fill a batch")
     return_wait_share: float = Field(
-        0.02, ge=0, le=0.5,
+        0.1, ge=0, le=0.5,
         description="an idle copy finding fewer requests queued than its group held when its last batch ended "
                     "waits up to this share of a batch's run time for the clients that batch answered to come "
-                    "back, so that steady load keeps its batches instead of falling apart into batches of one "
-                    "(0: take what is queued at once)")
+                    "back (no longer: it runs as soon as they are all back), so that steady load keeps its "
+                    "batches instead of falling apart into smaller ones that take turns (0: take what is queued "
+                    "at once)")
     max_queue: int = Field(256, ge=1, description="queued sequences per group before 503 + Retry-After")
     pad_to_buckets: bool = Field(False, description="pad every batch to a compiled bucket; by default a batch runs "
                                                     "at its own shape (its items, its longest item rounded up to 8) "

@@ -28,9 +28,9 @@ class ServerSettings(BaseModel):
     cpus: str = Field("", description="CPU affinity of the worker ('0-3'); empty: leave as is")
     lend_dir: str = Field("", description="where the CPU groups lend each other idle CPUs (per-CPU lock "
                                           "files); empty: this group neither lends nor borrows")
-    lend_min_batch_ms: float = Field(50.0, ge=0, description="lend only for buckets whose batch takes this long")
+    lend_min_batch_ms: float = Field(10.0, ge=0, description="lend only for buckets whose batch takes this long")
     max_batch_delay_ms: float = Field(1.0, ge=0)
-    return_wait_share: float = Field(0.02, ge=0, le=0.5)
+    return_wait_share: float = Field(0.1, ge=0, le=0.5)
     max_queue: int = Field(256, ge=1)
     pad_to_buckets: bool = False
     max_batch_tokens: int = Field(0, ge=0, description="0: no limit")
