@@ -4,10 +4,11 @@ load, with batches padded to the bucket grid and with batches at their own shape
 all-MiniLM-L6-v2 compiled for buckets batch [1, 8, 32] x seq [32, 128]; two stacks up at once, each one group
 per CPU behind nginx, one copy per group: one with `pad_to_buckets = true` (every batch padded to a compiled
 bucket, as before the batch planner), one as configured by default (a batch at its own shape). wrk closed loop
-at concurrency 1, 2, 4, 8, 16, 64 sends one short sentence through the task JSON route, the two stacks' levels
-interleaved. The ceiling of a level is the best plan for that load: each group's share of the clients as one
-batch at its own shape (batch min(c/2, 32), the sentence's length rounded up to 8), called in-process back to
-back, one pinned process per CPU, measured beside the level (with fewer clients than groups, that share of it).
+at concurrency 1, 2, 4, 8, 16, 64 sends one short sentence through the task JSON route, the two stacks taking
+turns, ROUNDS runs each per level, averaged. The ceiling of a level is the best plan for that load: each group's
+share of the clients as one batch at its own shape (batch min(c/2, 32), the sentence's length rounded up to 8),
+called in-process back to back, one pinned process per CPU, measured before and after the level's runs and
+averaged (with fewer clients than groups, that share of it).
 
 Beside each ratio, where the host's CPU went per request: the stack's processes (groups and nginx) and the
 client (wrk), against the model's own compute per item in the ceiling. On this host they share the CPUs the
@@ -33,6 +34,7 @@ from neuronserve.server.batcher import SEQ_MULTIPLE
 TEXT = "A short sentence, as a search query or a chat message would send it."
 LEVELS = [1, 2, 4, 8, 16, 64]
 DURATION, RAMP, CEILING_S = 6.0, 1.5, 3.0
+ROUNDS = 2                  # served runs of each system per level, in turn
 BATCH_SIZES, SEQUENCE_LENGTHS = [1, 8, 32], [32, 128]
 
 
@@ -73,25 +75,39 @@ def main(argv: list[str] | None = None) -> int:
             wrk.run(targets[label], 16, 3.0)        # every shape's first calls
         for level in LEVELS:
             batch = max(1, min(level // len(cpus), max(BATCH_SIZES)))
-            best = ceiling.throughput(model_dir, TEXT, batch, [[c] for c in cpus], CEILING_S, seq=seq)
+
+            def best_items_per_s() -> float:
+                return ceiling.throughput(model_dir, TEXT, batch, [[c] for c in cpus], CEILING_S,
+                                          seq=seq).items_per_s
+
+            # the host's speed drifts by several % within minutes: the ceiling on both sides of the served runs,
+            # and ROUNDS runs of each system in turn, averaged
+            before = best_items_per_s()
+            runs: dict[str, list[dict]] = {label: [] for label in systems}
+            for _ in range(ROUNDS):
+                for label, s in systems.items():
+                    pids = [p.popen.pid for p in s.procs]
+                    stack0, client0 = cpu.cpu_seconds(pids), cpu.children_seconds()
+                    res = wrk.run(targets[label], level, DURATION, ramp_s=RAMP, timeout_s=60)
+                    done = max(res.completed, 1)
+                    runs[label].append({"throughput": res.throughput, "p50_ms": res.p50 * 1000,
+                                        "p99_ms": res.p99 * 1000, "errors": res.errors,
+                                        "stack_cpu_ms": 1000 * (cpu.cpu_seconds(pids) - stack0) / done,
+                                        "client_cpu_ms": 1000 * (cpu.children_seconds() - client0) / done})
+            best = (before + best_items_per_s()) / 2
             # fewer clients than groups keep only that many groups busy
-            items_per_s = best.items_per_s * min(1.0, level / len(cpus))
-            row = {"concurrency": level, "ceiling_batch": batch, "ceiling_seq": seq,
-                   "ceiling_items_per_s": items_per_s}
+            items_per_s = best * min(1.0, level / len(cpus))
             # the model's own CPU per item at the best plan: every CPU busy with it
-            model_ms = 1000 * len(cpus) / best.items_per_s
-            for label, s in systems.items():
-                pids = [p.popen.pid for p in s.procs]
-                stack0, client0 = cpu.cpu_seconds(pids), cpu.children_seconds()
-                res = wrk.run(targets[label], level, DURATION, ramp_s=RAMP, timeout_s=60)
-                done = max(res.completed, 1)
-                stack_ms = 1000 * (cpu.cpu_seconds(pids) - stack0) / done
-                client_ms = 1000 * (cpu.children_seconds() - client0) / done
-                row[label] = {"throughput": res.throughput, "p50_ms": res.p50 * 1000, "p99_ms": res.p99 * 1000,
-                              "errors": res.errors, "over_ceiling": res.throughput / items_per_s,
-                              "stack_cpu_ms": stack_ms, "client_cpu_ms": client_ms, "model_cpu_ms": model_ms,
+            model_ms = 1000 * len(cpus) / best
+            row = {"concurrency": level, "ceiling_batch": batch, "ceiling_seq": seq,
+                   "ceiling_items_per_s": items_per_s, "ceiling_spread": abs(before - best) * 2 / best}
+            for label, measured in runs.items():
+                mean = {k: sum(r[k] for r in measured) / len(measured) for k in measured[0] if k != "errors"}
+                row[label] = {**mean, "runs": [r["throughput"] for r in measured], "model_cpu_ms": model_ms,
+                              "errors": [r["errors"] for r in measured],
+                              "over_ceiling": mean["throughput"] / items_per_s,
                               # CPU per request beyond the model's compute: serving path, front and client
-                              "overhead_cpu_ms": stack_ms + client_ms - model_ms}
+                              "overhead_cpu_ms": mean["stack_cpu_ms"] + mean["client_cpu_ms"] - model_ms}
             rows.append(row)
             log(f"  c={level}: ceiling {items_per_s:.0f}/s (batch {batch} x {seq}); " + "; ".join(
                 f"{label} {row[label]['throughput']:.0f}/s ({row[label]['over_ceiling']:.2f})" for label in systems))
@@ -102,12 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Load shapes: {when}", "",
              f"all-MiniLM-L6-v2, buckets batch {BATCH_SIZES} x seq {SEQUENCE_LENGTHS}, {len(cpus)} groups of one CPU "
              f"behind nginx, one {length}-token sentence per request; ceiling: the best plan for the load, "
-             "in-process, measured beside each level", "",
+             f"in-process, measured before and after each level (their spread in brackets); served: the mean of "
+             f"{ROUNDS} runs", "",
              "| concurrency | ceiling (items/s) | padded to buckets | / ceiling | own shape | / ceiling |",
              "|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         a, b = r["padded to buckets"], r["own shape"]
-        lines.append(f"| {r['concurrency']} | {r['ceiling_items_per_s']:.0f} | {a['throughput']:.0f} | "
+        lines.append(f"| {r['concurrency']} | {r['ceiling_items_per_s']:.0f} ({100 * r['ceiling_spread']:.0f} %) | "
+                     f"{a['throughput']:.0f} | "
                      f"{a['over_ceiling']:.2f} | {b['throughput']:.0f} | {b['over_ceiling']:.2f} |")
     lines += ["", "Where the CPU went per request at the batch's own shape (ms of CPU): the model's compute per "
               "item at the best plan, the stack (groups and nginx, the model's compute included) and the client (wrk); "
