@@ -42,6 +42,12 @@ def backend_option(fn):
                         help="Override server.backend from the config.")(fn)
 
 
+def stack_root_option(fn):
+    return click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"),
+                        show_default=True,
+                        help="The root the stack runs under (`neuronserve up --root DIR`); / for the systemd "
+                             "units.")(fn)
+
 def load_config(config_path: Path | None, backend: str | None = None):
     from neuronserve import config
 
@@ -488,10 +494,10 @@ def status_cmd(config_path, backend, interval, as_json):
     Exits 0 when every group is active and ready and no holder is stale, else 1.
     """
     from neuronserve.layout import Layout
-    from neuronserve.operate import status
+    from neuronserve.operate import drain, status
 
     plan = load_plan(config_path, backend)
-    st = status.collect(plan, interval_s=interval, drained=Layout(Path("/"), plan.config).drain_flag.exists())
+    st = status.collect(plan, interval_s=interval, drained=drain.drained(Layout(Path("/"), plan.config)))
     click.echo(status.as_json(st) if as_json else status.as_text(st))
     sys.exit(0 if status.healthy(st) else 1)
 
@@ -519,12 +525,10 @@ def cleanup_cmd(config_path, dry_run):
     cleanup.cleanup(ctx.layout, dry_run=dry_run, log=lambda step: click.echo(str(step)))
 
 
-
 @main.command("drain")
 @config_option
 @backend_option
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"), show_default=True,
-              help="The root the stack runs under (`neuronserve up --root DIR`); / for the systemd units.")
+@stack_root_option
 @click.option("--quiet", "quiet_s", type=click.FloatRange(0), default=5.0, show_default=True, metavar="SECONDS",
               help="Drained once no request came for this long and none is in flight; set it above the load "
                    "balancer's health-check interval x its fall count.")
@@ -558,8 +562,7 @@ def drain_cmd(config_path, backend, root, quiet_s, timeout_s, no_wait):
 
 @main.command("undrain")
 @config_option
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"), show_default=True,
-              help="The root the stack runs under (`neuronserve up --root DIR`); / for the systemd units.")
+@stack_root_option
 @fail_cleanly
 def undrain_cmd(config_path, root):
     """Put a drained host back: the front's /v2/health/ready answers from the groups again."""
@@ -622,31 +625,25 @@ def render_cmd(config_path, backend, root, dry_run, kubernetes_dir, prometheus_d
         from neuronserve import kubernetes
 
         # the cluster's nodes, not this host, have the cores: nothing here is discovered
-        files = kubernetes.render_files(ctx.layout, kubernetes_dir)
-        changes = render.write_files(files, dry_run=dry_run)
-        for c in changes:
-            click.echo(c.diff, nl=False)
-        click.echo(f"{'would change' if dry_run else 'changed'} {len(changes)} file(s) under {kubernetes_dir}")
-        stale = kubernetes.stale_files(kubernetes_dir, files)
-        if stale:
-            click.echo("no longer rendered (`kubectl delete -f` each, then remove it): "
-                       + ", ".join(str(p) for p in stale))
-        return
-    plan, layout = ctx.plan, ctx.layout
-    if prometheus_dir:
+        files, where = kubernetes.render_files(ctx.layout, kubernetes_dir), kubernetes_dir
+        stale = [str(p) for p in kubernetes.stale_files(kubernetes_dir, files)]
+        leftover = "no longer rendered (`kubectl delete -f` each, then remove it): "
+    elif prometheus_dir:
         from neuronserve import monitoring
 
-        files, where = monitoring.render_prometheus(plan, layout, prometheus_dir), prometheus_dir
+        files, where = monitoring.render_prometheus(ctx.plan, ctx.layout, prometheus_dir), prometheus_dir
+        stale, leftover = [], ""
     else:
-        files, where = render.render_files(plan, layout), root
+        files, where = render.render_files(ctx.plan, ctx.layout), root
+        stale = list(render.stale_units(ctx.layout, ctx.plan))
+        leftover = "no longer planned (`neuronserve apply` removes them): "
     changes = render.write_files(files, dry_run=dry_run)
     for c in changes:
         click.echo(c.diff, nl=False)
     verb = "would change" if dry_run else "changed"
     click.echo(f"{verb} {len(changes)} file(s)" + (f" under {where}" if where != Path("/") else ""))
-    stale = [] if prometheus_dir else render.stale_units(layout, plan)
     if stale:
-        click.echo("no longer planned (`neuronserve apply` removes them): " + ", ".join(stale))
+        click.echo(leftover + ", ".join(stale))
 
 
 @main.command("up")

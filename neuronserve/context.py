@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from neuronserve.config import Config, load
+from neuronserve.config import Config
 from neuronserve.devices import Host, discover_host
 from neuronserve.layout import Layout
 from neuronserve.plan import Plan, make_plan
@@ -42,11 +42,3 @@ class HostContext:
     def layout(self) -> Layout:
         return Layout(self.root, self.config)
 
-
-def load_context(config_path: Path | None = None, *, backend: str | None = None, root: Path = Path("/"),
-                 config: Config | None = None) -> HostContext:
-    """The context of a command: the config file (or `config`), with --backend applied."""
-    cfg = config if config is not None else load(config_path)
-    if backend:
-        cfg.server.backend = backend
-    return HostContext(cfg, Path(root))
