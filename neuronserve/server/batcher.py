@@ -7,10 +7,12 @@ than the largest batch spreads over several batches (and copies). A copy asks `n
 - while another copy is busy it waits until the batch is full or the oldest item has waited max_batch_delay,
   trading a little latency for fuller batches under load;
 - on an idle server with fewer items queued than were in the group when the last batch ended (that batch's, now
-  answered, and those queued behind it), it waits a little (return_wait_share of a batch's run time) for the
-  rest: most clients send their next request on the answer to the last (a closed loop), and without the wait the
-  first one back runs alone while the others queue behind it, so that k clients of a group settle into batches
-  of one that take turns;
+  answered, and those queued behind it), it waits a little for the rest: return_wait_share of the estimated run
+  time of a batch of all of them. Most clients send their next request on the answer to the last (a closed
+  loop), and without the wait the first one back runs alone while the others queue behind it, so that k clients
+  of a group settle into batches that take turns. The wait is a share of the whole batch's time, not of the
+  last batch's: once the clients had split into two halves taking turns, the shorter batches of a half would
+  shorten the wait that is to join them again;
 - it plans the batch from what is queued (a window of up to WINDOW batches' worth, the oldest item always in it):
   with more than a batch waiting, the items nearest in length to one another (the shortest that still include
   the oldest), so short items do not ride in a long item's padding; then, from each shape's measured run time
@@ -25,6 +27,7 @@ The queue is bounded (items): `submit` refuses with 503 + Retry-After when it is
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from itertools import accumulate
@@ -62,6 +65,7 @@ class Work:
 
 WINDOW = 4             # batches' worth of queued items a plan looks at
 SEQ_MULTIPLE = 8       # an exact shape's sequence: the longest item rounded up to this (vector-friendly lengths)
+FALL, RISE = 0.5, 0.05  # weight of a shape's new run time below / above its running estimate
 
 
 class Batch(NamedTuple):
@@ -72,17 +76,30 @@ class Batch(NamedTuple):
 
 
 class Timings:
-    """Run time per (batch, seq) shape: a running mean of each shape measured, and for shapes not yet run, a
-    least-squares line through them in token slots (batch x seq): on these encoders time grows with the slots."""
+    """Run time per (batch, seq) shape: a running estimate of each shape measured, and for shapes not yet run, a
+    least-squares line through them in token slots (batch x seq): on these encoders time grows with the slots.
+
+    Two rules keep a shape from looking dearer than it is. A shape the planner thinks dear is not run, so not
+    measured again, and one slow run could leave a group's four clients served three at a time for good, the
+    fourth a whole batch behind:
+    - a batch's time is its shape's cost plus whatever interrupted it (another process on its CPUs, a host slowed
+      for a moment, a first call that TorchScript optimises), so the estimate follows a faster run at once and a
+      slower one slowly;
+    - per item, a call of more items at one length costs no more than one of fewer (the reason to batch): a
+      shape's estimate is at most its batch times the least time per item of a smaller batch measured at its
+      length."""
 
     def __init__(self):
         self.mean: dict[tuple[int, int], float] = {}
         self._sums = [0.0] * 5      # n, x, y, xx, xy over every shape's latest mean
+        self._per_seq: dict[int, dict[int, float]] = {}     # seq -> {batch: its estimate}
+        self._known: dict[tuple[int, int], float | None] = {}      # estimates given since the last observe
 
     def observe(self, shape: tuple[int, int], seconds: float) -> None:
         old = self.mean.get(shape)
-        new = seconds if old is None else 0.8 * old + 0.2 * seconds
-        self.mean[shape] = new
+        new = seconds if old is None else old + (FALL if seconds < old else RISE) * (seconds - old)
+        self.mean[shape] = self._per_seq.setdefault(shape[1], {})[shape[0]] = new
+        self._known.clear()
         x = float(shape[0] * shape[1])
         for y, sign in ((old, -1.0), (new, 1.0)):
             if y is not None:
@@ -90,13 +107,18 @@ class Timings:
                     self._sums[k] += sign * v
 
     def estimate(self, shape: tuple[int, int]) -> float | None:
-        known = self.mean.get(shape)
-        if known is not None:
-            return known
+        # a plan asks for the same few shapes many times over
+        if shape not in self._known:
+            batch, seq = shape
+            own = self.mean.get(shape, self._line(batch * seq))
+            bound = min((t / m for m, t in self._per_seq.get(seq, {}).items() if m < batch), default=None)
+            self._known[shape] = own if bound is None else min(batch * bound, own if own is not None else math.inf)
+        return self._known[shape]
+
+    def _line(self, x: float) -> float | None:
         n, sx, sy, sxx, sxy = self._sums
         if n < 1.5:
             return None
-        x = shape[0] * shape[1]
         spread = n * sxx - sx * sx
         slope = max((n * sxy - sx * sy) / spread, 0.0) if spread > 1e-9 else sy / sx
         return max((sy - slope * sx) / n + slope * x, 0.0) if spread > 1e-9 else slope * x
@@ -122,9 +144,10 @@ class Batcher:
         # entries in the batch taken last (by any copy: with several, a copy's done() may count another's batch,
         # which only sizes a bounded wait)
         self._last_taken = 0
+        self._last_seq = 0              # the sequence length of the batch taken last
         self._expected = 0              # items in the group when the last batch ended: what an idle copy waits for
         self._ended = 0.0               # the clock's time the last batch ended
-        self._batch_s = 0.0             # running mean of a batch's run time (done() reports it)
+        self._return_wait_s = 0.0       # how long an idle copy waits for them
         self._queue: deque[tuple[Work, int]] = deque()
         self._cond = threading.Condition()
         self._running = 0
@@ -169,7 +192,7 @@ class Batcher:
                     delay = self.max_delay_s if queued < self.max_batch else 0.0
                 else:
                     # from the end of the last batch: what queued during it has waited, but not for the returners
-                    delay = self.return_wait_share * self._batch_s if queued < self._expected else 0.0
+                    delay = self._return_wait_s if queued < self._expected else 0.0
                     since = max(since, self._ended)
                 if delay > 0:
                     wait = since + delay - self.clock.monotonic()
@@ -179,7 +202,7 @@ class Batcher:
                 batch = self._take()
                 if batch is None:
                     continue
-                self._last_taken = len(batch.entries)
+                self._last_taken, self._last_seq = len(batch.entries), batch.seq
                 self._running += 1
                 if self._queue:
                     self._cond.notify()     # the rest is for another copy
@@ -190,8 +213,10 @@ class Batcher:
         executing."""
         with self._cond:
             if seconds is not None:
-                self._batch_s = seconds if not self._batch_s else 0.8 * self._batch_s + 0.2 * seconds
                 self._expected = min(self._last_taken + len(self._queue), self.max_batch)
+                # all of them in one batch, at the last batch's length; this batch's time until shapes are known
+                whole = self.timings.estimate(self._shape(self._expected, self._last_seq)[0])
+                self._return_wait_s = self.return_wait_share * (seconds if whole is None else whole)
                 self._ended = self.clock.monotonic()
             self._running -= 1
             if self._queue:

@@ -151,6 +151,27 @@ def test_exact_shapes_run_the_batch_at_its_own_length_rounded_up_to_8():
     assert b.timings.estimate((3, 16)) == 0.001     # measured shapes use their own running mean
 
 
+def test_one_slow_run_does_not_keep_a_shape_from_running_again():
+    b = planner(exact=True)
+    for seconds in (0.020, 0.0205):
+        b.observe((2, 24), seconds)
+    b.observe((4, 24), 0.031)
+    b.observe((4, 24), 0.090)       # interrupted (or its CPU was late): a rise counts for little
+    assert b.timings.estimate((4, 24)) == pytest.approx(0.031 + 0.05 * (0.090 - 0.031))
+    b.observe((4, 24), 0.030)       # a faster run counts for half at once
+    assert b.timings.estimate((4, 24)) == pytest.approx(0.031 + 0.05 * (0.090 - 0.031) + 0.5 * (
+        0.030 - 0.031 - 0.05 * (0.090 - 0.031)))
+    # a first run of (3, 24) slower than a whole batch of 4 (TorchScript optimising a new shape): per item no
+    # dearer than 2 items at that length, 3 equal items still go together rather than 2 now and 1 a batch later
+    b.observe((3, 24), 0.050)
+    assert b.timings.estimate((3, 24)) == pytest.approx(3 * b.timings.estimate((2, 24)) / 2)
+    queued(b, 18, 18, 18)
+    assert len(b.next_batch().entries) == 3 and b.depth == 0
+    b.done(0.025)
+    # a shape never run at a length some smaller batch ran at: bounded by it, below the line through the rest
+    assert b.timings.estimate((16, 24)) <= 16 * 0.031 / 4 + 1e-12
+
+
 def test_max_batch_tokens_caps_a_plan_but_never_a_single_item():
     b = planner(exact=True, max_batch_tokens=256)
     queued(b, 100, 100, 100)
@@ -276,6 +297,28 @@ def test_an_idle_copy_waits_for_the_clients_its_last_batch_answered(tokenizer):
     at, batch = copy.got()
     assert at == ended and taken(batch) == [6, 5]
     b.done(2.0)
+
+
+def test_two_halves_taking_turns_join_again():
+    # 4 clients split into 2 + 2 that take turns: when a batch of 2 ends the other 2 are queued and the 2 just
+    # answered are on their way back. The wait is a share of the time of a batch of all 4 (0.1 x 31 ms), not of
+    # the batches of 2 that ran (0.1 x 20 ms): long enough for the 2 back 2.5 ms later to join
+    clock = SimulatedClock()
+    b = Batcher(RECORDED, max_queue=64, max_delay_s=0, return_wait_share=0.1, exact_shapes=True, clock=clock)
+    b.observe((2, 24), 0.020)
+    b.observe((4, 24), 0.031)
+    queued(b, 18, 18)
+    assert len(b.next_batch().entries) == 2
+    queued(b, 18, 18)
+    clock.advance(0.020)
+    b.done(0.020)
+    ended = clock.monotonic()
+    copy = Copy(b)
+    assert clock.blocked() == [pytest.approx(ended + 0.0031)]
+    clock.advance(0.0025)
+    queued(b, 18, 18)
+    at, batch = copy.got()
+    assert at == ended + 0.0025 and len(batch.entries) == 4 and (batch.batch, batch.seq) == (4, 24)
 
 
 def test_a_copy_given_up_on_does_not_count_as_a_batch_time(tokenizer):
