@@ -6,9 +6,10 @@ per CPU behind nginx, one copy per group: one with `pad_to_buckets = true` (ever
 bucket, as before the batch planner), one as configured by default (a batch at its own shape). wrk closed loop
 at concurrency 1, 2, 4, 8, 16, 64 sends one short sentence through the task JSON route, the two stacks taking
 turns, ROUNDS runs each per level, averaged. The ceiling of a level is the best plan for that load: each group's
-share of the clients as one batch at its own shape (batch min(c/2, 32), the sentence's length rounded up to 8),
-called in-process back to back, one pinned process per CPU, measured before and after the level's runs and
-averaged (with fewer clients than groups, that share of it).
+share of the clients as one batch at its own shape (batch min(c/2, 32), at the sentence's own length or that
+rounded up to 8, whichever ran faster in-process at the start, as the server's warm-up decides), called in-process
+back to back, one pinned process per CPU, measured before and after the level's runs and averaged (with fewer
+clients than groups, that share of it).
 
 Beside each ratio, where the host's CPU went per request: the stack's processes (groups and nginx) and the
 client (wrk), against the model's own compute per item in the ceiling. On this host they share the CPUs the
@@ -58,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     manifest = read_manifest(model_dir)
     length = tasks.encode(manifest.task, tasks.load_tokenizer(model_dir / manifest.tokenizer), [TEXT], 128,
                           truncation=True)[0].length
-    seq = -(-length // SEQ_MULTIPLE) * SEQ_MULTIPLE
+    rounded = -(-length // SEQ_MULTIPLE) * SEQ_MULTIPLE
+    speed = {n: ceiling.throughput(model_dir, TEXT, 4, [[c] for c in cpus], CEILING_S, seq=n).items_per_s
+             for n in dict.fromkeys((length, rounded))}
+    seq = max(speed, key=speed.get)
+    log(f"  4 items at {length} tokens: {speed[length]:.0f}/s, at {rounded}: {speed[rounded]:.0f}/s")
     payload = {"inputs": TEXT}
     systems = {"padded to buckets": stack(repo, work / "buckets", cpus, True),
                "own shape": stack(repo, work / "exact", cpus, False)}

@@ -260,14 +260,16 @@ class ModelSection(_Section):
     return_wait_share: float = Field(
         0.1, ge=0, le=0.5,
         description="an idle copy finding fewer requests queued than its group held when its last batch ended "
-                    "waits up to this share of a batch's run time for the clients that batch answered to come "
+                    "waits up to this share of the run time of a batch of them all for the clients that batch "
+                    "answered to come "
                     "back (no longer: it runs as soon as they are all back), so that steady load keeps its "
                     "batches instead of falling apart into smaller ones that take turns (0: take what is queued "
                     "at once)")
     max_queue: int = Field(256, ge=1, description="queued sequences per group before 503 + Retry-After")
     pad_to_buckets: bool = Field(False, description="pad every batch to a compiled bucket; by default a batch runs "
-                                                    "at its own shape (its items, its longest item rounded up to 8) "
-                                                    "when the artifact's one trace runs any shape (CPU and CUDA)")
+                                                    "at its own shape (its items, its longest item's length, rounded "
+                                                    "up to 8 where the warm-up found that faster) when the "
+                                                    "artifact's one trace runs any shape (CPU and CUDA)")
     max_batch_tokens: int | None = Field(None, ge=1, description="most token slots (batch x sequence) one batch "
                                                                  "may hold; a single item always runs")
     truncation: bool = Field(True, description="truncate text longer than the largest sequence bucket, else 422")

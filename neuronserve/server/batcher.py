@@ -18,7 +18,8 @@ than the largest batch spreads over several batches (and copies). A copy asks `n
   the oldest), so short items do not ride in a long item's padding; then, from each shape's measured run time
   (`observe`: the warm-up's, then a running mean while serving), the plan with the least time per item: how many
   of them, and in which compiled bucket or, when the artifact runs any shape (`exact_shapes`: a CPU or CUDA
-  shared trace), at the batch's own shape (its items, its longest item rounded up to SEQ_MULTIPLE). Before any
+  shared trace), at the batch's own shape (its items, and its longest item's length, or that rounded up to
+  SEQ_MULTIPLE where the warm-up found rounding faster: `length_probe`). Before any
   time is known, the first items in arrival order in the cheapest bucket that holds them. What is not taken goes
   back to the front of the queue, in arrival order;
 - entries of a cancelled Work (client gone, timed out) are dropped without running.
@@ -64,7 +65,7 @@ class Work:
 
 
 WINDOW = 4             # batches' worth of queued items a plan looks at
-SEQ_MULTIPLE = 8       # an exact shape's sequence: the longest item rounded up to this (vector-friendly lengths)
+SEQ_MULTIPLE = 8       # an exact shape's sequence where lengths that are not multiples of it run slower
 FALL, RISE = 0.5, 0.05  # weight of a shape's new run time below / above its running estimate
 
 
@@ -139,6 +140,11 @@ class Batcher:
         self.return_wait_share = return_wait_share
         self.exact_shapes = exact_shapes
         self.max_batch_tokens = max_batch_tokens       # batch x seq a plan may not exceed (one item always may)
+        # the warm-up runs these two shapes: an exact shape runs at its longest item's own length if the first,
+        # a length short of a multiple of SEQ_MULTIPLE, ran faster than the second, that multiple; else rounded
+        # up to a multiple (vector units and tensor cores may want one)
+        rounded = min(max(2 * SEQ_MULTIPLE, _round(min(s for _, s in self.buckets))), self.max_seq)
+        self.length_probe = ((min(4, self.max_batch), rounded - SEQ_MULTIPLE // 2), (min(4, self.max_batch), rounded))
         self.timings = Timings()
         self.clock = clock      # every time and wait here: tests run the delays on simulated time
         # entries in the batch taken last (by any copy: with several, a copy's done() may count another's batch,
@@ -314,4 +320,11 @@ class Batcher:
         """The batch's own shape, when the artifact runs any (None otherwise)."""
         if not self.exact_shapes:
             return None
-        return n, min(-(-longest // SEQ_MULTIPLE) * SEQ_MULTIPLE, self.max_seq)
+        own, rounded = (self.timings.mean.get(shape) for shape in self.length_probe)     # measured, not lined
+        if own is not None and rounded is not None and own < rounded:
+            return n, longest
+        return n, min(_round(longest), self.max_seq)
+
+
+def _round(length: int) -> int:
+    return -(-length // SEQ_MULTIPLE) * SEQ_MULTIPLE

@@ -24,7 +24,7 @@ import torch
 from neuronserve import tasks
 from neuronserve.build import backends
 from neuronserve.build.artifact import SHARED_FILE, Manifest
-from neuronserve.server.batcher import Batch, Batcher, ServeError
+from neuronserve.server.batcher import SEQ_MULTIPLE, Batch, Batcher, ServeError
 from neuronserve.server.lending import UNLENT, Lending
 from neuronserve.server.metrics import Metrics
 
@@ -136,7 +136,7 @@ class Executor:
             return
         if self.lending:
             copy.seat = self.lending.seat()
-        mismatch = self._check_warmup(runners, copy.seat)
+        mismatch = self._check_warmup(copy.index, runners, shared, copy.seat)
         if mismatch:
             log.error("copy %d: warm-up gave a wrong answer, not serving: %s", copy.index, mismatch)
             self._set_state(copy, "failed", f"copy {copy.index}: warm-up gave a wrong answer: {mismatch}")
@@ -158,9 +158,10 @@ class Executor:
             finally:
                 self._release(copy, ran=True)
 
-    def _check_warmup(self, runners: dict, seat) -> str | None:
+    def _check_warmup(self, copy_index: int, runners: dict, shared, seat) -> str | None:
         """Run the known-answer items (their bucket checked), then every bucket until it ran WARMUP_RUNS times,
-        so that no request pays for TorchScript optimising a graph on its first calls."""
+        so that no request pays for TorchScript optimising a graph on its first calls; with exact shapes, also
+        the two shapes that decide their lengths (Batcher.length_probe)."""
         try:
             outputs, items = [], []
             runs = dict.fromkeys(runners, 0)
@@ -174,15 +175,29 @@ class Executor:
             mismatch = tasks.warmup_mismatch(self.manifest, got, items)
             if mismatch:
                 return mismatch
-            for (b, s), runner in runners.items():
-                arrays = tasks.pad(items[:b], b, s, self.manifest.input_names)
-                for _ in range(max(WARMUP_RUNS - runs[(b, s)], 1)):
+            shapes = {(b, s): (runner, tasks.pad(items[:b], b, s, self.manifest.input_names))
+                      for (b, s), runner in runners.items()}
+            if self.batcher.exact_shapes and shared is not None:
+                # the largest bucket's inputs cut down to the probe's shapes: what they hold does not change the time
+                largest = shapes[max(runners, key=lambda bs: (bs[0] * bs[1], bs))][1]
+                for b, s in self.batcher.length_probe:
+                    shapes.setdefault((b, s), (shared, [a[:b, :s].copy() for a in largest]))
+            for (b, s), (runner, arrays) in shapes.items():
+                ran = runs.get((b, s), 0)
+                for run in range(max(WARMUP_RUNS - ran, 1)):
                     # through the seat: lending compares a lent batch with these own-CPU times
                     with seat.run((b, s), lone=False):
                         started = time.perf_counter()
                         self._call(runner, arrays)
-                # the last, settled run: the batch planner's first estimate of this shape
-                self.batcher.observe((b, s), time.perf_counter() - started)
+                        seconds = time.perf_counter() - started
+                    if run or ran:      # the batch planner's first estimates: not a shape's first run
+                        self.batcher.observe((b, s), seconds)
+            if self.batcher.exact_shapes and shared is not None:
+                (own, own_s), (rounded, rounded_s) = ((shape, self.batcher.timings.mean[shape])
+                                                      for shape in self.batcher.length_probe)
+                log.info("copy %d: %s in %.1f ms, %s in %.1f ms: batches run at their longest item's %s", copy_index,
+                         own, 1000 * own_s, rounded, 1000 * rounded_s,
+                         "own length" if own_s < rounded_s else f"length rounded up to {SEQ_MULTIPLE}")
             return None
         except Exception as e:
             return f"the warm-up run failed: {e}"

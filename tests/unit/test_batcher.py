@@ -139,7 +139,7 @@ def test_with_more_than_a_batch_waiting_items_near_in_length_ride_together_and_t
     assert batch[:2] == (8, 32) and all(w.items[i].length <= 30 for _, i in batch.entries)
 
 
-def test_exact_shapes_run_the_batch_at_its_own_length_rounded_up_to_8():
+def test_exact_shapes_run_the_batch_at_its_own_length_rounded_up_to_8_until_the_probe_ran():
     b = planner(exact=True)
     queued(b, 10, 11, 12)
     # 3 items of at most 12 tokens: (3, 16) is estimated from the line through the recorded times, and beats
@@ -149,6 +149,18 @@ def test_exact_shapes_run_the_batch_at_its_own_length_rounded_up_to_8():
     b.done()
     b.observe((3, 16), 0.001)
     assert b.timings.estimate((3, 16)) == 0.001     # measured shapes use their own running mean
+
+
+@pytest.mark.parametrize("own_s, rounded_s, seq", [(0.014, 0.016, 12), (0.019, 0.016, 16)])
+def test_exact_shapes_run_at_their_own_length_where_the_warm_up_found_it_faster(own_s, rounded_s, seq):
+    # the warm-up runs Batcher.length_probe: 4 items at 28 and at 32 tokens here (the smallest bucket's 32)
+    b = planner(exact=True)
+    assert b.length_probe == ((4, 28), (4, 32))
+    b.observe((4, 28), own_s)
+    b.observe((4, 32), rounded_s)
+    queued(b, 10, 11, 12)
+    batch = b.next_batch()
+    assert (batch.batch, batch.seq, batch.exact) == (3, seq, True)
 
 
 def test_one_slow_run_does_not_keep_a_shape_from_running_again():
@@ -406,6 +418,9 @@ def test_batched_answers_equal_one_by_one(artifact, tokenizer):
     answers = [a for w in works for a in w.answers]
     assert [a[0]["label"] for a in answers] == [("NEGATIVE", "POSITIVE")[int(np.argmax(r))] for r in logits]
     assert all(b <= 4 for b, _ in loader.batches) and sum(b for b, _ in loader.batches) >= 9
+    # the warm-up measured the two shapes that decide whether exact shapes round their length up
+    assert model.batcher.exact_shapes and all(shape in model.batcher.timings.mean
+                                              for shape in model.batcher.length_probe)
 
 
 def test_client_gone_is_dropped_and_timeout_gets_504_then_the_copy_is_replaced(artifact, tokenizer):
