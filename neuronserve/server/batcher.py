@@ -141,10 +141,10 @@ class Batcher:
         self.exact_shapes = exact_shapes
         self.max_batch_tokens = max_batch_tokens       # batch x seq a plan may not exceed (one item always may)
         # the warm-up runs these two shapes: an exact shape runs at its longest item's own length if the first,
-        # a length short of a multiple of SEQ_MULTIPLE, ran faster than the second, that multiple; else rounded
-        # up to a multiple (vector units and tensor cores may want one)
+        # one over a multiple of SEQ_MULTIPLE, ran faster than the second, the next multiple; else rounded up to a
+        # multiple (vector units and tensor cores may want one)
         rounded = min(max(2 * SEQ_MULTIPLE, _round(min(s for _, s in self.buckets))), self.max_seq)
-        self.length_probe = ((min(4, self.max_batch), rounded - SEQ_MULTIPLE // 2), (min(4, self.max_batch), rounded))
+        self.length_probe = ((min(4, self.max_batch), rounded - SEQ_MULTIPLE + 1), (min(4, self.max_batch), rounded))
         self.timings = Timings()
         self.clock = clock      # every time and wait here: tests run the delays on simulated time
         # entries in the batch taken last (by any copy: with several, a copy's done() may count another's batch,

@@ -35,6 +35,7 @@ Loader = Callable[..., Callable]   # (path, *, copy_index, threads) -> runner, a
 # about 1.2x a steady call for the tiny BERT at batch 16; seconds with cold caches): a copy runs every bucket
 # this many times before it takes requests
 WARMUP_RUNS = 3
+PROBE_RUNS = 4         # of each of the two shapes that decide the length of exact shapes, the first not counted
 
 
 @dataclass(eq=False)
@@ -136,7 +137,7 @@ class Executor:
             return
         if self.lending:
             copy.seat = self.lending.seat()
-        mismatch = self._check_warmup(copy.index, runners, shared, copy.seat)
+        mismatch = self._check_warmup(runners, shared, copy.seat)
         if mismatch:
             log.error("copy %d: warm-up gave a wrong answer, not serving: %s", copy.index, mismatch)
             self._set_state(copy, "failed", f"copy {copy.index}: warm-up gave a wrong answer: {mismatch}")
@@ -158,7 +159,7 @@ class Executor:
             finally:
                 self._release(copy, ran=True)
 
-    def _check_warmup(self, copy_index: int, runners: dict, shared, seat) -> str | None:
+    def _check_warmup(self, runners: dict, shared, seat) -> str | None:
         """Run the known-answer items (their bucket checked), then every bucket until it ran WARMUP_RUNS times,
         so that no request pays for TorchScript optimising a graph on its first calls; with exact shapes, also
         the two shapes that decide their lengths (Batcher.length_probe)."""
@@ -175,32 +176,42 @@ class Executor:
             mismatch = tasks.warmup_mismatch(self.manifest, got, items)
             if mismatch:
                 return mismatch
-            shapes = {(b, s): (runner, tasks.pad(items[:b], b, s, self.manifest.input_names))
-                      for (b, s), runner in runners.items()}
-            if self.batcher.exact_shapes and shared is not None:
-                # the largest bucket's inputs cut down to the probe's shapes: what they hold does not change the time
-                largest = shapes[max(runners, key=lambda bs: (bs[0] * bs[1], bs))][1]
-                for b, s in self.batcher.length_probe:
-                    shapes.setdefault((b, s), (shared, [a[:b, :s].copy() for a in largest]))
-            for (b, s), (runner, arrays) in shapes.items():
-                ran = runs.get((b, s), 0)
+            for (b, s), runner in runners.items():
+                arrays = tasks.pad(items[:b], b, s, self.manifest.input_names)
+                ran = runs[(b, s)]
                 for run in range(max(WARMUP_RUNS - ran, 1)):
-                    # through the seat: lending compares a lent batch with these own-CPU times
-                    with seat.run((b, s), lone=False):
-                        started = time.perf_counter()
-                        self._call(runner, arrays)
-                        seconds = time.perf_counter() - started
+                    seconds = self._warm((b, s), runner, arrays, seat)
                     if run or ran:      # the batch planner's first estimates: not a shape's first run
                         self.batcher.observe((b, s), seconds)
             if self.batcher.exact_shapes and shared is not None:
-                (own, own_s), (rounded, rounded_s) = ((shape, self.batcher.timings.mean[shape])
-                                                      for shape in self.batcher.length_probe)
-                log.info("copy %d: %s in %.1f ms, %s in %.1f ms: batches run at their longest item's %s", copy_index,
-                         own, 1000 * own_s, rounded, 1000 * rounded_s,
-                         "own length" if own_s < rounded_s else f"length rounded up to {SEQ_MULTIPLE}")
+                self._probe_lengths(runners, shared, items, seat)
             return None
         except Exception as e:
             return f"the warm-up run failed: {e}"
+
+    def _probe_lengths(self, runners: dict, shared, items: list, seat) -> None:
+        """Run Batcher.length_probe's two shapes in turn (a change of load weighs on both), each PROBE_RUNS times,
+        the first not counted, on the largest bucket's inputs cut down to them (what they hold does not change the
+        time); the batcher then knows whether exact shapes round their length up."""
+        b, s = max(runners, key=lambda bs: (bs[0] * bs[1], bs))
+        largest = tasks.pad(items[:b], b, s, self.manifest.input_names)
+        probe = [((b, s), [a[:b, :s].copy() for a in largest]) for b, s in self.batcher.length_probe]
+        for run in range(PROBE_RUNS):
+            for shape, arrays in probe:
+                seconds = self._warm(shape, shared, arrays, seat)
+                if run:
+                    self.batcher.observe(shape, seconds)
+        (own, own_s), (rounded, rounded_s) = ((shape, self.batcher.timings.mean[shape]) for shape, _ in probe)
+        log.info("%s in %.1f ms, %s in %.1f ms: batches run at their longest item's %s", own, 1000 * own_s,
+                 rounded, 1000 * rounded_s,
+                 "own length" if own_s < rounded_s else f"length rounded up to a multiple of {SEQ_MULTIPLE}")
+
+    def _warm(self, shape: tuple[int, int], runner, arrays: list[np.ndarray], seat) -> float:
+        """One warm-up run's seconds, through the seat: lending compares a lent batch with these own-CPU times."""
+        with seat.run(shape, lone=False):
+            started = time.perf_counter()
+            self._call(runner, arrays)
+            return time.perf_counter() - started
 
     @staticmethod
     def _call(runner, arrays: list[np.ndarray]) -> list[np.ndarray]:

@@ -153,10 +153,10 @@ def test_exact_shapes_run_the_batch_at_its_own_length_rounded_up_to_8_until_the_
 
 @pytest.mark.parametrize("own_s, rounded_s, seq", [(0.014, 0.016, 12), (0.019, 0.016, 16)])
 def test_exact_shapes_run_at_their_own_length_where_the_warm_up_found_it_faster(own_s, rounded_s, seq):
-    # the warm-up runs Batcher.length_probe: 4 items at 28 and at 32 tokens here (the smallest bucket's 32)
+    # the warm-up runs Batcher.length_probe: 4 items at 25 and at 32 tokens here (the smallest bucket's 32)
     b = planner(exact=True)
-    assert b.length_probe == ((4, 28), (4, 32))
-    b.observe((4, 28), own_s)
+    assert b.length_probe == ((4, 25), (4, 32))
+    b.observe((4, 25), own_s)
     b.observe((4, 32), rounded_s)
     queued(b, 10, 11, 12)
     batch = b.next_batch()
