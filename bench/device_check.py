@@ -37,22 +37,25 @@ def log(msg: str) -> None:
 
 
 def ceiling(model_dir: Path, backend: str, batch: int, seconds: float) -> float:
-    """Items/s of the loaded trace called back to back at [batch, the text's length rounded up to 8]."""
+    """Items/s of the loaded trace called back to back at [batch, the text's length], or that rounded up to 8
+    where that runs faster (the server's warm-up decides the same), the better of the two."""
     import torch
 
     manifest = read_manifest(model_dir, verify=False)
     tokenizer = tasks.load_tokenizer(model_dir / manifest.tokenizer)
     [item] = tasks.encode(manifest.task, tokenizer, [TEXT], max(manifest.sequence_lengths), True)
-    seq = -(-item.length // SEQ_MULTIPLE) * SEQ_MULTIPLE
     run = backends.get(backend).load(model_dir / SHARED_FILE, copy_index=0, threads=1)
-    inputs = [torch.from_numpy(a) for a in tasks.pad([item] * batch, batch, seq, manifest.input_names)]
-    for _ in range(3):
-        run(*inputs)
-    calls, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        run(*inputs)        # returns CPU tensors: the GPU work is done when it returns
-        calls += 1
-    return calls * batch / (time.perf_counter() - t0)
+    best = 0.0
+    for seq in dict.fromkeys((item.length, -(-item.length // SEQ_MULTIPLE) * SEQ_MULTIPLE)):
+        inputs = [torch.from_numpy(a) for a in tasks.pad([item] * batch, batch, seq, manifest.input_names)]
+        for _ in range(3):
+            run(*inputs)
+        calls, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 2:
+            run(*inputs)        # returns CPU tensors: the GPU work is done when it returns
+            calls += 1
+        best = max(best, calls * batch / (time.perf_counter() - t0))
+    return best
 
 
 async def closed_loop(url: str, clients: int, seconds: float) -> tuple[float, float]:
