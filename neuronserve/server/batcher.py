@@ -16,7 +16,7 @@ than the largest batch spreads over several batches (and copies). A copy asks `n
 - it plans the batch from what is queued (a window of up to WINDOW batches' worth, the oldest item always in it):
   with more than a batch waiting, the items nearest in length to one another (the shortest that still include
   the oldest), so short items do not ride in a long item's padding; then, from each shape's measured run time
-  (`observe`: the warm-up's, then a running mean while serving), the plan with the least time per item: how many
+  (`observe`: the warm-up's, then a running estimate while serving), the plan with the least time per item: how many
   of them, and in which compiled bucket or, when the artifact runs any shape (`exact_shapes`: a CPU or CUDA
   shared trace), at the batch's own shape (its items, and its longest item's length, or that rounded up to
   SEQ_MULTIPLE where the warm-up found rounding faster: `length_probe`). Before any
