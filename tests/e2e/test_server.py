@@ -156,7 +156,10 @@ def test_question_answering_equals_the_eager_model(servers, sources):
         expected = qa_answer(model, tokenizer, pair["question"], pair["context"])
         assert hf[row]["answer"] == expected["answer"] and hf[row]["start"] == expected["start"]
         assert hf[row]["score"] == pytest.approx(expected["score"], abs=1e-4)
-        assert json.loads(outputs["answer"]["data"][row]) == hf[row]
+        # the v2 request runs as one batch, the task JSON ones as they come: shapes of other lengths, the same
+        # answer, its score equal to float32's last digits
+        v2_answer = json.loads(outputs["answer"]["data"][row])
+        assert v2_answer == {**hf[row], "score": pytest.approx(hf[row]["score"], rel=1e-6)}
 
 
 def test_a_client_that_leaves_is_dropped_before_its_turn(servers):
