@@ -24,7 +24,7 @@ from dev import random_models
 from neuronserve.build import backends
 from neuronserve.build.artifact import SHARED_FILE, read_manifest
 from neuronserve.build.compile import compile_model
-from neuronserve.server.batcher import SEQ_MULTIPLE
+from neuronserve.server.batcher import round_up
 
 MODELS = {"minilm": dict(layers=6, hidden=384, heads=12), "bert-base": dict(layers=12, hidden=768, heads=12)}
 LEVELS = [1, 16, 64]
@@ -46,7 +46,7 @@ def ceiling(model_dir: Path, backend: str, batch: int, seconds: float) -> float:
     [item] = tasks.encode(manifest.task, tokenizer, [TEXT], max(manifest.sequence_lengths), True)
     run = backends.get(backend).load(model_dir / SHARED_FILE, copy_index=0, threads=1)
     best = 0.0
-    for seq in dict.fromkeys((item.length, -(-item.length // SEQ_MULTIPLE) * SEQ_MULTIPLE)):
+    for seq in dict.fromkeys((item.length, round_up(item.length))):
         inputs = [torch.from_numpy(a) for a in tasks.pad([item] * batch, batch, seq, manifest.input_names)]
         for _ in range(3):
             run(*inputs)

@@ -30,7 +30,7 @@ from bench.memory import compile_with
 from bench.systems import one_model_stack
 from neuronserve import tasks
 from neuronserve.build.artifact import read_manifest
-from neuronserve.server.batcher import SEQ_MULTIPLE
+from neuronserve.server.batcher import round_up
 
 TEXT = "A short sentence, as a search query or a chat message would send it."
 LEVELS = [1, 2, 4, 8, 16, 64]
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = read_manifest(model_dir)
     length = tasks.encode(manifest.task, tasks.load_tokenizer(model_dir / manifest.tokenizer), [TEXT], 128,
                           truncation=True)[0].length
-    rounded = -(-length // SEQ_MULTIPLE) * SEQ_MULTIPLE
+    rounded = round_up(length)
     speed = {n: ceiling.throughput(model_dir, TEXT, 4, [[c] for c in cpus], CEILING_S, seq=n).items_per_s
              for n in dict.fromkeys((length, rounded))}
     seq = max(speed, key=speed.get)

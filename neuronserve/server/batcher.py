@@ -111,7 +111,9 @@ class Timings:
         # a plan asks for the same few shapes many times over
         if shape not in self._known:
             batch, seq = shape
-            own = self.mean.get(shape, self._line(batch * seq))
+            own = self.mean.get(shape)
+            if own is None:
+                own = self._line(batch * seq)
             bound = min((t / m for m, t in self._per_seq.get(seq, {}).items() if m < batch), default=None)
             self._known[shape] = own if bound is None else min(batch * bound, own if own is not None else math.inf)
         return self._known[shape]
@@ -143,7 +145,7 @@ class Batcher:
         # the warm-up runs these two shapes: an exact shape runs at its longest item's own length if the first,
         # one over a multiple of SEQ_MULTIPLE, ran faster than the second, the next multiple; else rounded up to a
         # multiple (vector units and tensor cores may want one)
-        rounded = min(max(2 * SEQ_MULTIPLE, _round(min(s for _, s in self.buckets))), self.max_seq)
+        rounded = min(max(2 * SEQ_MULTIPLE, round_up(min(s for _, s in self.buckets))), self.max_seq)
         self.length_probe = ((min(4, self.max_batch), rounded - SEQ_MULTIPLE + 1), (min(4, self.max_batch), rounded))
         self.timings = Timings()
         self.clock = clock      # every time and wait here: tests run the delays on simulated time
@@ -320,11 +322,15 @@ class Batcher:
         """The batch's own shape, when the artifact runs any (None otherwise)."""
         if not self.exact_shapes:
             return None
-        own, rounded = (self.timings.mean.get(shape) for shape in self.length_probe)     # measured, not lined
-        if own is not None and rounded is not None and own < rounded:
-            return n, longest
-        return n, min(_round(longest), self.max_seq)
+        return (n, longest) if self.own_lengths() else (n, min(round_up(longest), self.max_seq))
+
+    def own_lengths(self) -> bool:
+        """Whether exact shapes run at their longest item's own length: the warm-up measured the first shape of
+        length_probe faster than the second (measured, not estimated from the line)."""
+        own, rounded = (self.timings.mean.get(shape) for shape in self.length_probe)
+        return own is not None and rounded is not None and own < rounded
 
 
-def _round(length: int) -> int:
+def round_up(length: int) -> int:
+    """`length` rounded up to a multiple of SEQ_MULTIPLE."""
     return -(-length // SEQ_MULTIPLE) * SEQ_MULTIPLE

@@ -203,8 +203,8 @@ class Executor:
                     self.batcher.observe(shape, seconds)
         (own, own_s), (rounded, rounded_s) = ((shape, self.batcher.timings.mean[shape]) for shape, _ in probe)
         log.info("%s in %.1f ms, %s in %.1f ms: batches run at their longest item's %s", own, 1000 * own_s,
-                 rounded, 1000 * rounded_s,
-                 "own length" if own_s < rounded_s else f"length rounded up to a multiple of {SEQ_MULTIPLE}")
+                 rounded, 1000 * rounded_s, "own length" if self.batcher.own_lengths()
+                 else f"length rounded up to a multiple of {SEQ_MULTIPLE}")
 
     def _warm(self, shape: tuple[int, int], runner, arrays: list[np.ndarray], seat) -> float:
         """One warm-up run's seconds, through the seat: lending compares a lent batch with these own-CPU times."""
